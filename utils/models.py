@@ -1,0 +1,168 @@
+"""Model and tokenizer loading, shared by every stage.
+
+Everything that depends on the model family lives here once: dtype names, pad-token
+set-up, stop ids, chat-template tokenisation and the reference/classifier vocabulary
+check.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from utils.registry import choose
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Tokens used as padding when a tokenizer has none, in order of preference. Padding is
+# always masked, so any id works; one distinct from EOS keeps decoded text readable.
+PAD_TOKEN_CANDIDATES = (
+    "<|finetune_right_pad_id|>",  # Llama 3.1+
+    "<|reserved_special_token_0|>",  # Llama 3.0
+    "<|pad|>",
+    "<pad>",
+    "[PAD]",
+    "<|endoftext|>",  # Qwen base models, when it is not the EOS
+)
+
+
+def get_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (valid: float32, bfloat16, float16)."""
+    return choose("dtype", name, DTYPES)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token if it has none (in place); pads on the left.
+
+    Prefers an existing pad-like token distinct from EOS, else falls back to EOS: the
+    end of a response is found from the stop ids and recorded lengths, never by searching
+    for padding, so a pad equal to EOS is safe.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_TOKEN_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return tokenizer
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding and a pad token."""
+    return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """A frozen causal LM in eval mode (the reference policy)."""
+    if isinstance(dtype, str):
+        dtype = get_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    model.to(device or default_device()).eval().requires_grad_(False)
+    return model
+
+
+def get_stop_ids(model_or_config, tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
+    """Every id that ends a response: the generation config's EOS ids plus the tokenizer's EOS.
+
+    Llama-3 Instruct, for instance, stops on both ``<|end_of_text|>`` and ``<|eot_id|>``.
+    """
+    config = getattr(model_or_config, "generation_config", model_or_config)
+    ids: list[int] = []
+    eos = getattr(config, "eos_token_id", None) if isinstance(config, GenerationConfig) else None
+    if eos is not None:
+        ids.extend([eos] if isinstance(eos, int) else list(eos))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the model has no EOS token id in its generation config or tokenizer")
+    return sorted(set(int(i) for i in ids))
+
+
+def response_lengths(response_ids: torch.Tensor, stop_ids: Iterable[int]) -> torch.Tensor:
+    """Length of each generated response, counting up to and including its first stop id.
+
+    ``response_ids`` [batch, steps] holds only generated tokens; a row without a stop id
+    (cut by ``max_new_tokens``) has the full length. Returns [batch] (long).
+    """
+    stops = torch.as_tensor(list(stop_ids), device=response_ids.device)
+    is_stop = torch.isin(response_ids, stops)  # [batch, steps]
+    first_stop = is_stop.int().argmax(dim=1)  # [batch], 0 when there is none
+    return torch.where(is_stop.any(dim=1), first_stop + 1, response_ids.shape[1]).long()
+
+
+def format_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], use_chat_template: bool) -> list[str]:
+    """The exact text fed to the model: the prompt, wrapped as a user turn when ``use_chat_template``."""
+    if not use_chat_template:
+        return list(prompts)
+    if tokenizer.chat_template is None:
+        raise ValueError("--use_chat_template 1 but the tokenizer has no chat template; use --use_chat_template 0")
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    use_chat_template: bool,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` [batch, prompt_len], and nothing else.
+
+    Only these two keys are returned: ``generate`` rejects ``token_type_ids``. With a chat
+    template the template already holds the BOS token, so no special tokens are added.
+    """
+    texts = format_prompts(tokenizer, prompts, use_chat_template)
+    if tokenizer.padding_side != "left":
+        raise ValueError("prompts must be left-padded; load the tokenizer with utils.models.load_tokenizer")
+    encoded = tokenizer(
+        texts, add_special_tokens=not use_chat_template, padding=True, return_tensors="pt", return_attention_mask=True
+    )
+    batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if device is not None:
+        batch = {key: value.to(device) for key, value in batch.items()}
+    return batch
+
+
+def model_vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the input embedding: the ids a model can read."""
+    return model.get_input_embeddings().num_embeddings
+
+
+def check_vocab_compatible(
+    ref_tokenizer: PreTrainedTokenizerBase,
+    classifier_vocab_size: int,
+    classifier_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
+    """Refuse a classifier that cannot read every token the reference tokenizer produces.
+
+    The classifier consumes the reference's token ids, so the tokenizers must agree and
+    the classifier's embedding must cover the tokenizer (the reference's logits may be
+    wider, e.g. Qwen2.5 7B pads to 152064 while 1.5B has 151936 rows: that is fine).
+    """
+    ref_size = len(ref_tokenizer)
+    if classifier_tokenizer is not None:
+        cls_size = len(classifier_tokenizer)
+        if cls_size != ref_size or classifier_tokenizer.get_vocab() != ref_tokenizer.get_vocab():
+            raise ValueError(
+                f"incompatible vocabularies: the reference tokenizer has {ref_size} tokens and the classifier "
+                f"tokenizer has {cls_size} tokens{' with different ids' if cls_size == ref_size else ''}; "
+                "the classifier must share the reference model's tokenizer"
+            )
+    if classifier_vocab_size < ref_size:
+        raise ValueError(
+            f"incompatible vocabularies: the reference tokenizer has {ref_size} tokens but the classifier's "
+            f"embedding has only {classifier_vocab_size} rows; the classifier must share the reference model's tokenizer"
+        )
