@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor
 
+from utils.models import response_lengths
 from utils.classifier import ClassifierSpec, QSharpClassifier, expected_reward, position_ids_from_mask
 from utils.registry import choose
 
@@ -74,7 +75,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
     classifier keeps its own KV cache across the steps of one ``generate`` call; a call
     whose ``input_ids`` do not continue the previous one (other batch size, or length not
     previous + 1) starts afresh. Call :meth:`reset` between ``generate`` calls to be safe
-    (``utils.guidance.generate`` does) and to pass the prompt's attention mask; without it
+    (``generate_responses`` does) and to pass the prompt's attention mask; without it
     the mask is inferred from ``pad_token_id`` (left padding).
 
     ``top_k=-1`` guides every token. Candidate ids beyond the classifier's vocabulary
@@ -208,3 +209,37 @@ class QSharpLogitsProcessor(LogitsProcessor):
         cache.crop(-k)  # drop the k candidates (negative = tokens to remove, in every release)
         self._cache = cache
         return self.classifier.head_logits(hidden[:, n:])  # [batch, k, A]
+
+
+def generate_responses(
+    model,
+    batch: dict[str, torch.Tensor],
+    stop_ids: list[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    processor: QSharpLogitsProcessor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses (guided when ``processor`` is given) for a left-padded prompt batch.
+
+    ``temperature == 0`` decodes greedily. Returns the generated ids [batch, steps]
+    (prompt removed, padding after the end) and each response's length [batch], counted
+    up to and including its first stop id.
+    """
+    processors = []
+    if processor is not None and not processor.is_noop:
+        processor.reset(batch["attention_mask"])
+        processors.append(processor)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    output = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_processor=processors,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_token_id,
+        **(sampling if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}),
+    )
+    responses = output[:, batch["input_ids"].shape[1] :]
+    return responses, response_lengths(responses, stop_ids)
