@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models built once per session, classifiers with random heads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
+from utils.models import load_causal_lm, load_tokenizer  # noqa: E402
+from utils.tiny_models import write_tiny_models  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(arch)`` -> directory holding ``ref/`` and ``classifier/`` (built once per arch)."""
+    built = {}
+
+    def get(arch: str = "llama"):
+        if arch not in built:
+            built[arch] = tmp_path_factory.mktemp(f"tiny_{arch}")
+            write_tiny_models(built[arch], arch=arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    return load_tokenizer(str(tiny_dir() / "ref"))
+
+
+@pytest.fixture(scope="session")
+def ref_model(tiny_dir):
+    return load_causal_lm(str(tiny_dir() / "ref"), dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def make_classifier(tiny_dir):
+    """``make_classifier(classifier_type, loss_type="bce", arch="llama", **spec)``: float32, random head (std 1)."""
+
+    def make(classifier_type="V", loss_type="bce", arch="llama", seed=0, **spec_kwargs):
+        spec = ClassifierSpec(classifier_type, loss_type, **spec_kwargs)
+        model = QSharpClassifier.from_causal_lm(str(tiny_dir(arch) / "classifier"), spec, dtype="float32")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.score.weight.normal_(0.0, 1.0)
+            if model.score.bias is not None:
+                model.score.bias.normal_(0.0, 1.0)
+        return model.eval()
+
+    return make
