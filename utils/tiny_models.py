@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
@@ -30,7 +30,13 @@ from transformers import (
 
 from utils.registry import choose
 
-BOS, EOS, PAD, END = "<s>", "</s>", "<pad>", "<|end|>"
+BOS, EOS, PAD, UNK, END = "<s>", "</s>", "<pad>", "<unk>", "<|end|>"
+# The pre-tokenizer split of Qwen2's tokenizer (one digit per pre-token). transformers loads a
+# qwen2 checkpoint's tokenizer as ``Qwen2Tokenizer`` whatever it was saved as, and that class
+# rebuilds its pipeline with this split; using it here gives identical ids for every arch.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -57,10 +63,13 @@ She has 5 apples, buys 12 more apples and gives away 7 apples; then she has 10 a
 
 def build_tokenizer(corpus: str = CORPUS, vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (deterministic for a given corpus) with chat template and pad token."""
-    specials = [PAD, BOS, EOS, END, *ROLE_TOKENS]
+    specials = [PAD, BOS, EOS, UNK, END, *ROLE_TOKENS]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -78,6 +87,7 @@ def build_tokenizer(corpus: str = CORPUS, vocab_size: int = 400) -> PreTrainedTo
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
+        unk_token=UNK,
         additional_special_tokens=[END, *ROLE_TOKENS],
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
