@@ -1,0 +1,24 @@
+"""The README's Python example runs as written on freshly built tiny models."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_example_runs(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"```bash\npython (-m utils\.tiny_models[^\n]*)\n```", readme)
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert commands and blocks, "README lost its tiny-model example"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    for command in commands:
+        subprocess.run([sys.executable, *command.split()], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "tiny_models" / "ckpt_0" / "config.json").exists()
