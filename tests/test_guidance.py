@@ -284,3 +284,21 @@ def test_processor_argument_errors(make_classifier):
     with pytest.raises(ValueError, match="a classifier is needed"):
         QSharpLogitsProcessor(None, 1.0)
     assert QSharpLogitsProcessor(None, 0.0).is_noop
+
+
+@pytest.mark.parametrize("classifier_type", ["Q", "V"])
+def test_bfloat16_classifier_gives_finite_offsets_close_to_float32(tokenizer, make_classifier, classifier_type):
+    classifier = make_classifier(classifier_type, "bce")
+    batch = tokenize_prompts(tokenizer, PROMPTS, use_chat_template=True)
+    scores = torch.randn(3, classifier.vocab_size)
+    outputs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        processor = QSharpLogitsProcessor(classifier.to(dtype), 2.0, 8, "bernoulli")
+        processor.reset(batch["attention_mask"])
+        ids = batch["input_ids"]
+        for step in range(3):
+            out = processor(ids, scores.clone())
+            ids = torch.cat([ids, torch.full((3, 1), 40 + step)], dim=1)
+        outputs.append(out)
+    assert torch.isfinite(outputs[1]).all() and outputs[1].dtype == torch.float32
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0.15, rtol=0)

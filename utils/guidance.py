@@ -78,7 +78,8 @@ class QSharpLogitsProcessor(LogitsProcessor):
     (``generate_responses`` does) and to pass the prompt's attention mask; without it
     the mask is inferred from ``pad_token_id`` (left padding).
 
-    ``top_k=-1`` guides every token. Candidate ids beyond the classifier's vocabulary
+    ``top_k=-1`` guides every token (with a V head that is one candidate per vocabulary
+    entry and row: practical only for small vocabularies). Candidate ids beyond the classifier's vocabulary
     (reference logits wider than the classifier's embedding) are never chosen as
     candidates and keep their reference logit.
     """

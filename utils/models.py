@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from utils.registry import choose
 
@@ -77,9 +77,9 @@ def get_stop_ids(model_or_config, tokenizer: PreTrainedTokenizerBase | None = No
 
     Llama-3 Instruct, for instance, stops on both ``<|end_of_text|>`` and ``<|eot_id|>``.
     """
-    config = getattr(model_or_config, "generation_config", model_or_config)
+    config = getattr(model_or_config, "generation_config", None) or model_or_config
     ids: list[int] = []
-    eos = getattr(config, "eos_token_id", None) if isinstance(config, GenerationConfig) else None
+    eos = getattr(config, "eos_token_id", None)
     if eos is not None:
         ids.extend([eos] if isinstance(eos, int) else list(eos))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
