@@ -276,8 +276,11 @@ class QSharpClassifier(nn.Module):
                     model.score.bias.copy_(lm_head.bias[: model.vocab_size].repeat_interleave(spec.num_outputs))
         return model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB") -> None:
-        """Write config.json (with the head settings), safetensors weights and the tokenizer.
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB", extra_state: dict | None = None
+    ) -> None:
+        """Write config.json (with the head settings), safetensors weights, the tokenizer and
+        ``extra_state`` (``{file name: object}``, saved with ``torch.save``, e.g. the optimizer).
 
         The directory is assembled under a temporary name and renamed into place, so a
         killed job never leaves a half-written checkpoint.
@@ -296,6 +299,8 @@ class QSharpClassifier(nn.Module):
             save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            for name, state_dict in (extra_state or {}).items():
+                torch.save(state_dict, tmp / name)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

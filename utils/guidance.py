@@ -68,6 +68,17 @@ def guidance_offsets(logits: torch.Tensor, mode: str, eta: float, spec: Classifi
     return torch.logsumexp(logits.log_softmax(-1) + eta * atoms, dim=-1)
 
 
+def kl_divergence(guided: torch.Tensor, reference: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(guided / T) || softmax(reference / T)) per row, [batch] from [batch, vocab].
+
+    Tokens masked to -inf in both (by other logits processors) contribute nothing.
+    """
+    log_p = torch.log_softmax(guided.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(reference.float() / temperature, dim=-1)
+    terms = log_p.exp() * (log_p - log_q)
+    return torch.where(log_p > float("-inf"), terms, torch.zeros_like(terms)).sum(-1)
+
+
 class QSharpLogitsProcessor(LogitsProcessor):
     """Adds the Q# offset to the ``top_k`` largest reference logits at every decoding step.
 
@@ -92,6 +103,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         inference_mode: str = "bernoulli",
         cd_baseline: bool = False,
         pad_token_id: int | None = None,
+        kl_temperature: float | None = None,
     ):
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
@@ -105,6 +117,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         if classifier is None and not self.is_noop:
             raise ValueError("a classifier is needed unless guidance is a no-op (eta 0 or inference_mode disabled)")
         self.classifier = classifier
+        self.kl_temperature = kl_temperature
         self.reset()
 
     @property
@@ -117,6 +130,19 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._cache = None
         self._mask = None  # [batch, seen_len] mask of every token the classifier has read
         self._prompt_mask = attention_mask
+        self._kl_steps: list[torch.Tensor] = []
+
+    def kl_per_step(self) -> torch.Tensor:
+        """KL(guided || reference) of every decoding step since the last reset, [batch, steps].
+
+        Recorded only with ``kl_temperature`` set: both next-token distributions at that
+        temperature (before top-p), from the logits at hand while decoding, so no second
+        forward pass is needed. Steps after a sequence ended are included; mask them with
+        the response lengths.
+        """
+        if not self._kl_steps:
+            raise ValueError("no KL recorded: create the processor with kl_temperature and run it first")
+        return torch.stack(self._kl_steps, dim=1)
 
     # ---- per-step entry point
     @torch.no_grad()
@@ -131,14 +157,19 @@ class QSharpLogitsProcessor(LogitsProcessor):
             offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec)
             guided = scores.clone()
             guided[:, :vocab] += offsets.to(scores.dtype)
-            return guided
+            return self._record_kl(scores, guided)
         candidates = scores[:, :vocab].topk(k, dim=-1).indices  # [batch, k]
         if self.classifier.spec.classifier_type == "Q":
             logits = self._q_values(new_ids, new_mask, candidates)  # [batch, k, A]
         else:
             logits = self._v_values(new_ids, new_mask, candidates)  # [batch, k, A]
         offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec)  # [batch, k]
-        return scores.scatter_add(1, candidates, offsets.to(scores.dtype))
+        return self._record_kl(scores, scores.scatter_add(1, candidates, offsets.to(scores.dtype)))
+
+    def _record_kl(self, scores: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+        if self.kl_temperature is not None:
+            self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature))
+        return guided
 
     # ---- cache bookkeeping
     def _advance(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,3 +20,10 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def batch_seed(seed: int, repeat: int, first_index: int) -> int:
+    """Seed of one batch of collection/evaluation: the repeat's seed, offset by the batch's
+    first problem index so that a batch comes out the same when it is run alone (resumed
+    or in another shard)."""
+    return repeat_seed(seed, repeat) + 1_000_003 * first_index

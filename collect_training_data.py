@@ -1,0 +1,148 @@
+"""Collect classifier training data: guided roll-in, random cut, reference roll-out, graded.
+
+    python collect_training_data.py --start_index 0 --end_index -1 --is_first_round 1 \
+        --ref_model_id meta-llama/Meta-Llama-3-8B-Instruct --classifier_model_id meta-llama/Llama-3.2-1B-Instruct \
+        --classifier_type V --inference_mode bernoulli --loss_type bce --use_bias 0 \
+        --data_path dataset/gsm8k_train.jsonl --train_eval_save_path dataset/gsm8k_train_eval.json \
+        --use_chat_template 1 --eta 0 --temperature 0.8 --top_p 0.9 --max_new_tokens 1024 \
+        --dtype bfloat16 --match_fn_type symbolic --output_dir collected_data/llama_3_8b_instruct_gsm8k/
+
+Writes ``<output_dir>/<id>_r<repeat>.json`` for every problem of ``[start_index, end_index)``
+and repeat ``< num_samples``; existing files are skipped, so a re-run resumes and shards
+(different index ranges) can run in parallel. Round 2+: ``--is_first_round 0
+--classifier_ckpt_path checkpoints/<exp>/ckpt_<step>`` guides the roll-in with that
+classifier; model and sampling flags not given are read from ``checkpoints/<exp>/args.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.cli import describe_sources, inherit, inherited_help, int01, load_run_args, problem_file_name, run
+from utils.data import write_json
+from utils.models import default_device, get_stop_ids, load_causal_lm, load_tokenizer
+from utils.problems import load_problems, reference_of, resolve_range
+from utils.rollout import collect_batch, make_processor
+from utils.seeding import batch_seed, set_seed
+from utils.splits import ensure_split_map
+
+# Flags read from the checkpoint's args.json when not given (round 2+), with their defaults.
+INHERITED = {
+    "ref_model_id": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "classifier_model_id": "meta-llama/Llama-3.2-1B-Instruct",
+    "classifier_type": "V",
+    "inference_mode": "bernoulli",
+    "loss_type": "bce",
+    "use_bias": 0,
+    "data_path": "dataset/gsm8k_train.jsonl",
+    "train_eval_save_path": "dataset/gsm8k_train_eval.json",
+    "dataset_type": None,
+    "use_chat_template": 1,
+    "eta": 0.0,
+    "temperature": 0.8,
+    "top_p": 0.9,
+    "max_new_tokens": 1024,
+    "dtype": "bfloat16",
+    "match_fn_type": "symbolic",
+    "num_atoms": 11,
+    "V_min": 0.0,
+    "V_max": 1.0,
+}
+RENAMED = {"data_path": "original_problems_path"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path)")
+    p.add_argument("--end_index", type=int, default=-1, help="one past the last problem; -1 = to the end")
+    p.add_argument("--eval_ratio", type=float, default=0.1,
+                   help="share of problems marked eval when --train_eval_save_path does not exist yet and is built")
+    p.add_argument("--is_first_round", type=int01, required=True,
+                   help="1: roll in with the reference policy (classifier head zero); 0: with --classifier_ckpt_path")
+    p.add_argument("--ref_model_id", type=str, help=inherited_help("reference model (hub id or path)", INHERITED["ref_model_id"]))
+    p.add_argument("--classifier_model_id", type=str,
+                   help=inherited_help("base LM of the classifier (round 1)", INHERITED["classifier_model_id"]))
+    p.add_argument("--classifier_ckpt_path", type=str, default=None,
+                   help="trained classifier checkpoint (round 2+; default: a fresh head on --classifier_model_id)")
+    p.add_argument("--classifier_type", type=str, choices=["Q", "V"], help=inherited_help("value head", "V"))
+    p.add_argument("--inference_mode", type=str, choices=["bernoulli", "expectation", "mle", "disabled"],
+                   help=inherited_help("guidance offset", "bernoulli"))
+    p.add_argument("--loss_type", type=str, choices=["bce", "mse", "mle"], help=inherited_help("classifier loss", "bce"))
+    p.add_argument("--use_bias", type=int01, help=inherited_help("head has a bias", 0))
+    p.add_argument("--data_path", type=str, help=inherited_help("problems jsonl", INHERITED["data_path"]))
+    p.add_argument("--train_eval_save_path", type=str,
+                   help=inherited_help("split map json (built with --eval_ratio if missing)", INHERITED["train_eval_save_path"]))
+    p.add_argument("--dataset_type", type=str, choices=["gsm8k", "math"],
+                   help=inherited_help("grading: gsm8k answers or math solutions", "inferred from the records"))
+    p.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
+    p.add_argument("--num_samples", type=int, default=16, help="repeats per problem")
+    p.add_argument("--use_chat_template", type=int01, help=inherited_help("wrap prompts in the chat template", 1))
+    p.add_argument("--eta", type=float, help=inherited_help("guidance strength (0 = reference policy)", 0.0))
+    p.add_argument("--top_k", type=int, default=20, help="guided candidates per step (-1 = all)")
+    p.add_argument("--temperature", type=float, help=inherited_help("sampling temperature (0 = greedy)", 0.8))
+    p.add_argument("--top_p", type=float, help=inherited_help("nucleus sampling", 0.9))
+    p.add_argument("--max_new_tokens", type=int, help=inherited_help("response budget in tokens", 1024))
+    p.add_argument("--dtype", type=str, choices=["float32", "bfloat16", "float16"], help=inherited_help("model dtype", "bfloat16"))
+    p.add_argument("--match_fn_type", type=str, choices=["symbolic", "strict"], help=inherited_help("answer matching", "symbolic"))
+    p.add_argument("--output_dir", type=str, required=True, help="folder of the per-problem files")
+    p.add_argument("--force", type=int01, default=0, help="1: redo this run's files even if they exist")
+    p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
+    p.add_argument("--num_atoms", type=int, help=inherited_help("histogram atoms (mle)", 11))
+    p.add_argument("--V_min", type=float, help=inherited_help("lowest atom (mle)", 0.0))
+    p.add_argument("--V_max", type=float, help=inherited_help("highest atom (mle)", 1.0))
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    saved = None
+    if not args.is_first_round:
+        if args.classifier_ckpt_path is None:
+            raise ValueError("--is_first_round 0 needs --classifier_ckpt_path")
+        saved = load_run_args(args.classifier_ckpt_path)
+    sources = inherit(args, INHERITED, saved, RENAMED)
+    print(f"collect: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'classifier_type'])}")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be non-negative, got {args.eta}")
+
+    records, dataset_type = load_problems(args.data_path, args.dataset_type)
+    ensure_split_map(args.train_eval_save_path, [r["problem"] for r in records], args.eval_ratio, seed=47)
+    indices = resolve_range(args.start_index, args.end_index, len(records))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.force:
+        for repeat in range(args.num_samples):
+            for index in indices:
+                (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
+
+    tokenizer = load_tokenizer(args.ref_model_id)
+    ref_model = load_causal_lm(args.ref_model_id, args.dtype, default_device())
+    stop_ids = get_stop_ids(ref_model, tokenizer)
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
+
+    chunks = [list(indices[i : i + args.batch_size]) for i in range(0, len(indices), args.batch_size)]
+    work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
+            if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
+    done = len(chunks) * args.num_samples - len(work)
+    print(f"collect: problems {indices.start}..{indices.stop - 1}, {args.num_samples} repeats, "
+          f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
+    for repeat, chunk in tqdm(work, desc="collect", unit="batch"):
+        set_seed(batch_seed(args.seed, repeat, chunk[0]))
+        batch_records = [records[i] for i in chunk]
+        with torch.no_grad():
+            results = collect_batch(
+                ref_model, tokenizer, batch_records, [reference_of(r, dataset_type) for r in batch_records], processor,
+                dataset_type=dataset_type, match_fn_type=args.match_fn_type, use_chat_template=bool(args.use_chat_template),
+                temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+            )
+        for index, record, result in zip(chunk, batch_records, results):
+            path = output_dir / problem_file_name(index, repeat)
+            if not path.exists():
+                write_json(path, {**record, **result}, indent=None)
+
+
+if __name__ == "__main__":
+    run(main, parse_args())

@@ -1,0 +1,271 @@
+"""Train the Q# classifier (Q or V head; bce, mse or distributional mle loss) on collected data.
+
+    python train_classifier.py --ref_model_id meta-llama/Meta-Llama-3-8B-Instruct \
+        --classifier_model_id meta-llama/Llama-3.2-1B-Instruct \
+        --original_problems_path dataset/gsm8k_train.jsonl --train_eval_save_path dataset/gsm8k_train_eval.json \
+        --init_mode reuse --inference_mode bernoulli --loss_type bce --dataset_type gsm8k \
+        --data_paths collected_data/llama_3_8b_instruct_gsm8k/all_train_data.jsonl --drop_no_variation 1 --eta 1 \
+        --output_dir checkpoints/llama_3_8b_instruct_gsm8k/ --num_epochs 5
+
+Several ``--data_paths`` (rounds) are merged by problem. Problems marked ``eval`` in the split
+map are the OOD eval set; ``--id_eval_ratio`` of the remaining examples are the ID eval set.
+Writes ``<output_dir>/args.json`` and ``<output_dir>/ckpt_<step>/`` (``ckpt_0`` before
+training, then every ``--ckpt_freq`` optimizer steps and at the end). Runs under
+``accelerate launch`` as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import get_constant_schedule_with_warmup
+
+from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
+from utils.cli import ARGS_FILE, int01, run
+from utils.data import write_json
+from utils.metrics import eval_metrics
+from utils.models import check_vocab_compatible, load_tokenizer
+from utils.registry import choose
+from utils.seeding import set_seed
+from utils.splits import load_split_map
+from utils.training import (
+    TokenBudgetBatchSampler,
+    build_examples,
+    collate,
+    merge_rounds,
+    predict_dataset,
+    reward_targets,
+    split_examples,
+)
+
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
+V_HEAD_GRAD_CLIP = 5.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world_size", type=int, default=1, help="number of processes; must match the accelerate launch")
+    p.add_argument("--ref_model_id", type=str, default="meta-llama/Meta-Llama-3-8B-Instruct",
+                   help="reference model whose tokenizer the data uses (recorded for collection/eval)")
+    p.add_argument("--classifier_type", type=str, default="V", choices=["Q", "V"], help="value head")
+    p.add_argument("--classifier_model_id", type=str, default="meta-llama/Llama-3.2-1B-Instruct", help="classifier base LM")
+    p.add_argument("--classifier_ckpt_path", type=str, default=None, help="start from this checkpoint (--init_mode warmstart)")
+    p.add_argument("--resume_opt_scheduler", type=int01, default=None,
+                   help="with --classifier_ckpt_path (required there): 1 = also resume its optimizer and scheduler")
+    p.add_argument("--original_problems_path", type=str, required=True, help="problems jsonl the data was collected on")
+    p.add_argument("--train_eval_save_path", type=str, required=True, help="split map: eval problems form the OOD set")
+    p.add_argument("--init_mode", type=str, required=True, choices=[*INIT_MODES, "warmstart"],
+                   help="head init: zero, random, reuse (Q: the LM head), warmstart (--classifier_ckpt_path)")
+    p.add_argument("--inference_mode", type=str, required=True, choices=["bernoulli", "expectation", "mle", "disabled"],
+                   help="guidance the classifier is for (expectation trains on exp(eta * R))")
+    p.add_argument("--loss_type", type=str, default="bce", choices=["bce", "mse", "mle"], help="classifier loss")
+    p.add_argument("--use_bias", type=int01, default=0, help="head has a bias")
+    p.add_argument("--dataset_type", type=str, required=True, choices=["gsm8k", "math"], help="grading of eval runs")
+    p.add_argument("--data_paths", type=str, nargs="+", required=True, help="all_train_data.jsonl of one or more rounds")
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per batch (per process)")
+    p.add_argument("--max_batch_num_tokens", type=int, default=-1,
+                   help="token budget per batch (rows x longest sequence) instead of --batch_size; -1 = off")
+    p.add_argument("--gradient_accumulation_step", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--shift_reward", type=float, default=0.0, help="R = scale_reward * correctness + shift_reward")
+    p.add_argument("--scale_reward", type=float, default=1.0, help="R = scale_reward * correctness + shift_reward")
+    p.add_argument("--cd_baseline", type=int01, default=0, help="recorded for evaluation (CD offset eta * E[R])")
+    p.add_argument("--use_chat_template", type=int01, default=1, help="recorded for collection/eval")
+    p.add_argument("--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16", "float16"], help="classifier dtype")
+    p.add_argument("--temperature", type=float, default=0.8, help="recorded for collection/eval")
+    p.add_argument("--use_all_ref_tokens", type=int01, default=1,
+                   help="1: label the cut token and every roll-out token; 0: the cut token only")
+    p.add_argument("--top_p", type=float, default=0.9, help="recorded for collection/eval")
+    p.add_argument("--drop_no_variation", type=int01, default=1, help="drop training problems whose rewards are all equal")
+    p.add_argument("--id_eval_ratio", type=float, default=0.1, help="share of training examples held out as ID eval")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="expectation targets exp(eta * R); becomes the default eta of the next collection and eval")
+    p.add_argument("--top_k", type=int, default=-1, help="recorded for reference (collection/eval use their own --top_k)")
+    p.add_argument("--match_fn_type", type=str, default="symbolic", choices=["symbolic", "strict"], help="recorded for eval")
+    p.add_argument("--output_dir", type=str, default="checkpoints/temp/", help="args.json and ckpt_<step>/ go here")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--num_epochs", type=int, default=3, help="passes over the training examples")
+    p.add_argument("--eval_max_size", type=int, default=1000, help="at most this many examples per eval set")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
+    p.add_argument("--warmup_step", type=int, default=-1, help="linear warmup steps, then constant; -1 = none")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--eval_freq", type=int, default=500, help="evaluate every this many optimizer steps")
+    p.add_argument("--ckpt_freq", type=int, default=500, help="checkpoint every this many optimizer steps")
+    p.add_argument("--save_opt_scheduler", type=int01, default=0, help=f"1: checkpoints hold {OPTIMIZER_FILE}/{SCHEDULER_FILE}")
+    p.add_argument("--seed", type=int, default=47, help="seed of init, ID split and shuffling")
+    p.add_argument("--track", type=int01, default=0, help="1: log to wandb")
+    p.add_argument("--wandb_entity", type=str, default=None, help="wandb entity")
+    p.add_argument("--wandb_project", type=str, default=None, help="wandb project")
+    p.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
+    p.add_argument("--num_atoms", type=int, default=11, help="histogram atoms (mle)")
+    p.add_argument("--V_min", type=float, default=0.0, help="lowest atom (mle)")
+    p.add_argument("--V_max", type=float, default=1.0, help="highest atom (mle)")
+    p.add_argument("--max_length", type=int, default=-1, help="truncate training sequences to this many tokens; -1 = off")
+    return p.parse_args(argv)
+
+
+def check_args(args, accelerator) -> None:
+    if args.world_size != accelerator.num_processes:
+        raise ValueError(f"--world_size {args.world_size} but {accelerator.num_processes} process(es) were launched")
+    if (args.init_mode == "warmstart") != (args.classifier_ckpt_path is not None):
+        raise ValueError("--init_mode warmstart and --classifier_ckpt_path go together")
+    if args.classifier_ckpt_path is not None and args.resume_opt_scheduler is None:
+        raise ValueError("--classifier_ckpt_path needs --resume_opt_scheduler 0 or 1")
+    if args.inference_mode == "mle" and args.loss_type != "mle":
+        raise ValueError("--inference_mode mle needs --loss_type mle")
+    for name in ("batch_size", "gradient_accumulation_step", "num_epochs", "eval_freq", "ckpt_freq"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1")
+
+
+def prepare_data(args, spec: ClassifierSpec):
+    """Training, ID-eval and OOD-eval examples."""
+    split_map = load_split_map(args.train_eval_save_path)
+    problems = merge_rounds(args.data_paths)
+    missing = [p["problem"][:60] for p in problems if p["problem"] not in split_map]
+    if missing:
+        raise ValueError(f"{len(missing)} problem(s) of --data_paths are not in {args.train_eval_save_path}, e.g. {missing[0]!r}")
+    correctness = [np.asarray(p["partial_guided_predictions_correctness"], dtype=np.float64) for p in problems]
+    targets = [reward_targets(c, args.inference_mode, args.eta, args.shift_reward, args.scale_reward, spec) for c in correctness]
+    train, ood = [], []
+    for problem, target in zip(problems, targets):
+        if split_map[problem["problem"]]["split"] == "eval":
+            ood.append((problem, target))
+        elif not (args.drop_no_variation and np.all(target == target[0])):
+            train.append((problem, target))
+    train_examples = build_examples([p for p, _ in train], [t for _, t in train], args.use_all_ref_tokens, args.max_length)
+    ood_examples = build_examples([p for p, _ in ood], [t for _, t in ood], args.use_all_ref_tokens, args.max_length)
+    keep, held = split_examples(len(train_examples), args.id_eval_ratio, args.seed)
+    id_examples = [train_examples[i] for i in held]
+    train_examples = [train_examples[i] for i in keep]
+    rng = np.random.RandomState(args.seed)
+    cap = lambda examples: [examples[i] for i in sorted(rng.permutation(len(examples))[: args.eval_max_size])]  # noqa: E731
+    print(f"train: {len(problems)} problems ({len(train)} train after drop_no_variation, {len(ood)} OOD eval); "
+          f"{len(train_examples)} train / {len(id_examples)} ID eval / {len(ood_examples)} OOD eval examples")
+    if not train_examples:
+        raise ValueError("no training examples (all problems dropped by --drop_no_variation or held out)")
+    return train_examples, cap(id_examples), cap(ood_examples)
+
+
+def build_classifier(args, spec: ClassifierSpec) -> QSharpClassifier:
+    if args.init_mode == "warmstart":
+        return QSharpClassifier.from_pretrained(args.classifier_ckpt_path, spec=spec, dtype=args.dtype)
+    return QSharpClassifier.from_causal_lm(args.classifier_model_id, spec, args.init_mode, dtype=args.dtype, seed=args.seed)
+
+
+def main(args: argparse.Namespace) -> None:
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_step, log_with="wandb" if args.track else None
+    )
+    check_args(args, accelerator)
+    set_seed(args.seed)
+    spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
+    choose("dataset_type", args.dataset_type, ("gsm8k", "math"))
+    output_dir = Path(args.output_dir)
+    accelerator.print(f"train: {spec.classifier_type}/{spec.loss_type} head, inference_mode={args.inference_mode}, "
+                      f"eta={args.eta} (also the default eta of collection/eval from this run) -> {output_dir}")
+    train_examples, id_examples, ood_examples = prepare_data(args, spec)
+
+    tokenizer = load_tokenizer(args.ref_model_id)
+    model = build_classifier(args, spec)
+    check_vocab_compatible(tokenizer, model.vocab_size)
+    if accelerator.is_main_process:
+        write_json(output_dir / ARGS_FILE, vars(args))
+
+    pad = tokenizer.pad_token_id
+    collate_fn = lambda examples: collate(examples, pad)  # noqa: E731
+    if args.max_batch_num_tokens > 0:
+        sampler = TokenBudgetBatchSampler([len(e.input_ids) for e in train_examples], args.max_batch_num_tokens, seed=args.seed)
+        train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        train_loader = DataLoader(train_examples, batch_size=args.batch_size, shuffle=True, generator=generator,
+                                  collate_fn=collate_fn, num_workers=args.num_workers)
+    eval_loaders = {
+        prefix: DataLoader(examples, batch_size=args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
+        for prefix, examples in (("ID ", id_examples), ("OOD ", ood_examples)) if examples
+    }
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=max(0, args.warmup_step))
+    if args.classifier_ckpt_path is not None and args.resume_opt_scheduler:
+        checkpoint = Path(args.classifier_ckpt_path)
+        for name in (OPTIMIZER_FILE, SCHEDULER_FILE):
+            if not (checkpoint / name).is_file():
+                raise FileNotFoundError(f"--resume_opt_scheduler 1 but {checkpoint / name} does not exist "
+                                        "(train with --save_opt_scheduler 1)")
+        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=False))
+        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_FILE, map_location="cpu", weights_only=False))
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if args.track:
+        accelerator.init_trackers(args.wandb_project or "qsharp", config=vars(args),
+                                  init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.wandb_run_name}})
+    bernoulli = args.inference_mode == "bernoulli" and spec.loss_type != "mle"
+
+    def evaluate(step: int) -> None:
+        metrics = {}
+        for prefix, loader in eval_loaders.items():
+            loss, predictions, targets = predict_dataset(accelerator.unwrap_model(model), loader, spec, accelerator.device)
+            metrics.update(eval_metrics(predictions, targets, loss, bernoulli, prefix))
+        if metrics:
+            accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            accelerator.log(metrics, step=step)
+
+    def save(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            extra = {OPTIMIZER_FILE: optimizer.state_dict(), SCHEDULER_FILE: scheduler.state_dict()} if args.save_opt_scheduler else None
+            accelerator.unwrap_model(model).save_pretrained(output_dir / f"ckpt_{step}", tokenizer=tokenizer, extra_state=extra)
+        accelerator.wait_for_everyone()
+
+    save(0)
+    evaluate(0)
+    steps_per_epoch = -(-len(train_loader) // args.gradient_accumulation_step)
+    total_steps = steps_per_epoch * args.num_epochs
+    step, last_saved, window_start, window_steps = 0, 0, time.time(), 0
+    model.train()
+    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
+    for epoch in range(args.num_epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+                loss = accelerator.unwrap_model(model).loss(logits, batch["targets"], batch["loss_mask"])
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    max_norm = V_HEAD_GRAD_CLIP if spec.classifier_type == "V" else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            window_steps += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            minutes = (time.time() - window_start) / 60
+            accelerator.log({"Training Loss": loss.item(), "Learning Rate": scheduler.get_last_lr()[0],
+                             "Steps per Min": window_steps / max(minutes, 1e-9), "Gradient Norm": float(grad_norm)}, step=step)
+            if step % args.eval_freq == 0:
+                evaluate(step)
+            if step % args.ckpt_freq == 0:
+                save(step)
+                last_saved = step
+    progress.close()
+    if step != last_saved:
+        evaluate(step)
+        save(step)
+    accelerator.end_training()
+    accelerator.print(f"train: {step} steps, last checkpoint {output_dir / f'ckpt_{step}'}")
+
+
+if __name__ == "__main__":
+    run(main, parse_args())

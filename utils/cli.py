@@ -1,0 +1,98 @@
+"""Command-line plumbing shared by the four stage scripts.
+
+- ``int01``: the original scripts' 0/1 integer flags.
+- ``run``: runs ``main(args)``; a user error (``ValueError``/``FileNotFoundError``) prints
+  one ``error: ...`` line on stderr and exits 2 instead of a traceback
+  (``QSHARP_DEBUG=1`` re-raises).
+- args.json inheritance: collection (round 2+) and evaluation read the training arguments
+  saved next to a checkpoint (``<ckpt>/../args.json``); flags given on the command line
+  win, then args.json, then the script's default. ``describe_sources`` says where each
+  value came from, so the eta in force is always visible.
+- Output names shared by the scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from utils.data import read_json
+
+ARGS_FILE = "args.json"
+
+
+def int01(value: str) -> int:
+    """argparse type of the 0/1 integer flags (``--use_bias 0``)."""
+    if value not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
+    return int(value)
+
+
+def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
+    """Run a script's ``main``; user errors end with one line on stderr and exit code 2."""
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("QSHARP_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_run_args(checkpoint_path: str | os.PathLike) -> dict:
+    """The training arguments saved next to a checkpoint (``<checkpoint>/../args.json``)."""
+    checkpoint = Path(checkpoint_path)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    path = checkpoint.resolve().parent / ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {ARGS_FILE} in its parent directory ({path})")
+    return read_json(path)
+
+
+def inherit(
+    args: argparse.Namespace, defaults: dict[str, Any], saved: dict | None, renamed: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Fill every flag of ``defaults`` left at ``None``: from ``saved`` (args.json), else the default.
+
+    ``renamed`` maps a flag to its key in args.json (``data_path`` -> ``original_problems_path``).
+    Returns ``{flag: "flag" | "args.json" | "default"}``.
+    """
+    renamed = renamed or {}
+    sources = {}
+    for name, default in defaults.items():
+        key = renamed.get(name, name)
+        if getattr(args, name) is not None:
+            sources[name] = "flag"
+        elif saved is not None and saved.get(key) is not None:
+            setattr(args, name, saved[key])
+            sources[name] = "args.json"
+        else:
+            setattr(args, name, default)
+            sources[name] = "default"
+    return sources
+
+
+def describe_sources(args: argparse.Namespace, sources: dict[str, str], names: list[str]) -> str:
+    """``eta=1.0 (args.json), top_k=20, ...`` for the start-up log (source shown for inherited flags)."""
+    return ", ".join(
+        f"{name}={getattr(args, name)}" + (f" ({sources[name]})" if name in sources else "") for name in names
+    )
+
+
+def inherited_help(text: str, default: Any) -> str:
+    return f"{text} (default: {default}; inherited from the checkpoint's args.json when not given)"
+
+
+def eval_tag(eta: float, top_k: int, temperature: float, cd_baseline: bool = False) -> str:
+    """``eta_10.0_top_k_20_temp_0.8``: the suffix of every evaluation output (``_cd`` appended
+    for the CD baseline, so its results never mix with Q#'s at the same settings)."""
+    return f"eta_{float(eta)}_top_k_{int(top_k)}_temp_{float(temperature)}" + ("_cd" if cd_baseline else "")
+
+
+def problem_file_name(problem_id: int, repeat: int) -> str:
+    """Per-problem, per-repeat output file of collection and evaluation: ``<id>_r<repeat>.json``."""
+    return f"{problem_id}_r{repeat}.json"

@@ -1,0 +1,173 @@
+"""Sampling work of collection and evaluation, one batch of problems at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from utils.answers import grade
+from utils.classifier import ClassifierSpec, QSharpClassifier
+from utils.guidance import QSharpLogitsProcessor, generate_responses
+from utils.models import check_vocab_compatible, default_device, format_prompts, load_tokenizer, tokenize_prompts
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` [batch, max_len] from id lists."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def unpadded_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The prompt ids of each row without its left padding."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
+
+
+def collect_batch(
+    ref_model,
+    tokenizer,
+    records: list[dict],
+    references: list[str],
+    processor: QSharpLogitsProcessor | None,
+    *,
+    dataset_type: str,
+    match_fn_type: str,
+    use_chat_template: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: list[int],
+) -> list[dict]:
+    """One repeat of data collection for a batch of problems.
+
+    Roll-in: a full response from the guided policy (``processor``). Cut at ``c`` uniform
+    in ``[0, len)`` (len counts the stop token). Roll-out: the reference policy completes
+    prompt + the first ``c + 1`` response tokens (skipped when that is the whole response),
+    within the same ``max_new_tokens`` budget. Reward: correctness of prefix + roll-out.
+    Returns, per problem, the lists of one repeat (one entry each).
+    """
+    device = ref_model.device
+    pad = tokenizer.pad_token_id
+    batch = tokenize_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template, device)
+    prompt_texts = format_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template)
+    responses, lengths = generate_responses(
+        ref_model, batch, stop_ids, pad, max_new_tokens, temperature, top_p, processor
+    )
+    responses, lengths = responses.cpu(), lengths.tolist()
+    prompts = unpadded_prompts(batch)
+    cuts = [int(torch.randint(0, length, (1,)).item()) + 1 for length in lengths]  # c + 1 response tokens kept
+
+    rollout_rows = [row for row, (cut, length) in enumerate(zip(cuts, lengths)) if cut < length]
+    rollouts: dict[int, list[int]] = {}
+    if rollout_rows:
+        partial = left_pad([prompts[row] + responses[row, : cuts[row]].tolist() for row in rollout_rows], pad, device)
+        budget = max_new_tokens - min(cuts[row] for row in rollout_rows)
+        rollout_ids, rollout_lengths = generate_responses(
+            ref_model, partial, stop_ids, pad, budget, temperature, top_p, processor=None
+        )
+        rollout_ids = rollout_ids.cpu()
+        for index, row in enumerate(rollout_rows):
+            keep = min(int(rollout_lengths[index]), max_new_tokens - cuts[row])
+            rollouts[row] = rollout_ids[index, :keep].tolist()
+
+    results = []
+    for row, record in enumerate(records):
+        response = responses[row, : lengths[row]].tolist()
+        prefix = response[: cuts[row]]
+        rollout = rollouts.get(row, [])
+        full_prediction = tokenizer.decode(response, skip_special_tokens=True)
+        partial_prediction = tokenizer.decode(prefix + rollout, skip_special_tokens=True) if rollout else full_prediction
+        reference = references[row]
+        full_correct = grade(full_prediction, reference, dataset_type, match_fn_type)
+        partial_correct = grade(partial_prediction, reference, dataset_type, match_fn_type) if rollout else full_correct
+        results.append(
+            {
+                "fully_guided_predictions": [full_prediction],
+                "fully_guided_predictions_correctness": [full_correct],
+                "partial_guided_prompts": [prompt_texts[row] + tokenizer.decode(prefix, skip_special_tokens=False)],
+                "partial_guided_prompts_tokenized": [prompts[row] + prefix],
+                "num_response_tokens_in_partial_guided_prompts": [cuts[row]],
+                "partial_guided_responses_tokenized": [rollout],
+                "partial_guided_predictions": [partial_prediction],
+                "partial_guided_predictions_correctness": [partial_correct],
+            }
+        )
+    return results
+
+
+def sample_batch(
+    ref_model,
+    tokenizer,
+    records: list[dict],
+    processor: QSharpLogitsProcessor | None,
+    *,
+    use_chat_template: bool,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    stop_ids: list[int],
+) -> list[dict]:
+    """One guided sample per problem: response text, token count and KL(guided || reference).
+
+    The KL is recorded while decoding (``processor`` created with ``kl_temperature``), summed
+    over the response's tokens (``kl``) and averaged per token (``kl_per_token``); a no-op
+    guidance has KL 0.
+    """
+    batch = tokenize_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template, ref_model.device)
+    responses, lengths = generate_responses(
+        ref_model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens, temperature, top_p, processor
+    )
+    if processor is None or processor.is_noop:
+        kl_steps = torch.zeros(responses.shape, dtype=torch.float32)
+    else:
+        kl_steps = processor.kl_per_step().cpu()  # [batch, steps]
+    steps = torch.arange(kl_steps.shape[1])[None, :]
+    kl_steps = kl_steps * (steps < lengths.cpu()[:, None])
+    results = []
+    for row in range(len(records)):
+        length = int(lengths[row])
+        kl = float(kl_steps[row].sum())
+        results.append(
+            {
+                "prediction": tokenizer.decode(responses[row, :length].tolist(), skip_special_tokens=True),
+                "num_response_tokens": length,
+                "kl": kl,
+                "kl_per_token": kl / max(length, 1),
+            }
+        )
+    return results
+
+
+def make_processor(
+    args,
+    tokenizer,
+    *,
+    checkpoint: str | None,
+    cd_baseline: bool = False,
+    kl_temperature: float | None = None,
+) -> QSharpLogitsProcessor:
+    """The guidance of collection/evaluation from the script flags.
+
+    ``checkpoint`` None builds a zero head on ``args.classifier_model_id`` (round 1).
+    A no-op guidance (eta 0 or ``disabled``) loads no classifier at all.
+    """
+    common = {"pad_token_id": tokenizer.pad_token_id, "kl_temperature": kl_temperature}
+    if args.eta == 0 or args.inference_mode == "disabled":
+        return QSharpLogitsProcessor(None, 0.0, args.top_k, **common)
+    spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
+    if checkpoint is None:
+        classifier = QSharpClassifier.from_causal_lm(args.classifier_model_id, spec, init_mode="zero", dtype=args.dtype)
+        classifier_tokenizer = load_tokenizer(args.classifier_model_id)
+    else:
+        classifier = QSharpClassifier.from_pretrained(checkpoint, spec=spec, dtype=args.dtype)
+        has_tokenizer = (Path(checkpoint) / "tokenizer_config.json").is_file()
+        classifier_tokenizer = load_tokenizer(checkpoint) if has_tokenizer else None
+    check_vocab_compatible(tokenizer, classifier.vocab_size, classifier_tokenizer)
+    classifier.to(default_device()).eval().requires_grad_(False)
+    return QSharpLogitsProcessor(classifier, args.eta, args.top_k, args.inference_mode, cd_baseline, **common)
