@@ -8,7 +8,8 @@ Model, data, sampling, loss and atom flags not given are read from the checkpoin
 every output). ``--eta 0`` evaluates the plain reference model. Writes next to the
 checkpoint (or into ``--output_dir``), with ``<tag> = eta_<eta>_top_k_<k>_temp_<T>``:
 ``individual_eval_inference_<tag>/<eval_id>_r<repeat>.json`` (one sample each; existing
-ones are skipped, so a re-run resumes), ``inference_eval_results_<tag>.jsonl`` (per problem)
+ones are skipped, so a re-run resumes; ``--start_index/--end_index`` shard the problems),
+``inference_eval_results_<tag>.jsonl`` (per problem, every eval problem whose samples are all done)
 and ``reward_stats_<tag>.json`` (pass@1 = ``single_sample_accuracy_mean``, maj@k, pass@k,
 mean KL(guided || reference) per trajectory).
 """
@@ -36,7 +37,7 @@ from utils.cli import (
 )
 from utils.data import read_json, write_json, write_jsonl
 from utils.models import default_device, format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
-from utils.problems import load_problems, reference_of
+from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import make_processor, sample_batch
 from utils.seeding import batch_seed, set_seed
 from utils.splits import load_split_map
@@ -66,6 +67,8 @@ RENAMED = {"data_path": "original_problems_path"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classifier_ckpt_path", type=str, required=True, help="checkpoints/<exp>/ckpt_<step>/")
+    p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path) of this shard")
+    p.add_argument("--end_index", type=int, default=-1, help="one past the last problem of this shard; -1 = to the end")
     p.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
     p.add_argument("--kl_batch_size", type=int, default=2,
                    help="unused: KL is computed while decoding, with no second pass (kept so original commands run)")
@@ -164,7 +167,9 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta must be non-negative, got {args.eta}")
     records, dataset_type = load_problems(args.data_path, args.dataset_type)
     tokenizer = load_tokenizer(args.ref_model_id)
-    ids = eval_problem_ids(args, records, tokenizer)
+    all_ids = eval_problem_ids(args, records, tokenizer)
+    shard = resolve_range(args.start_index, args.end_index, len(records))
+    ids = [i for i in all_ids if i in shard]
 
     tag = eval_tag(args.eta, args.top_k, args.temperature, bool(args.cd_baseline))
     output_dir = Path(args.output_dir or args.classifier_ckpt_path)
@@ -200,7 +205,13 @@ def main(args: argparse.Namespace) -> None:
                     correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, args.match_fn_type)
                     write_json(path, {**record, **sample, "correctness": correct, "eta": args.eta, "top_k": args.top_k,
                                       "temperature": args.temperature, "cd_baseline": args.cd_baseline}, indent=None)
-    stats = aggregate(args, records, dataset_type, ids, sample_dir, tag, output_dir)
+    complete = [i for i in all_ids if all((sample_dir / problem_file_name(i, r)).exists() for r in range(args.num_samples))]
+    if len(complete) < len(all_ids):
+        print(f"eval: results cover the {len(complete)} of {len(all_ids)} eval problems whose samples are all done "
+              "(other shards still to run)")
+    if not complete:
+        return
+    stats = aggregate(args, records, dataset_type, complete, sample_dir, tag, output_dir)
     print(f"eval [{tag}]: pass@1 {stats['single_sample_accuracy_mean']:.4f}, maj@{args.num_samples} "
           f"{stats['majority_vote_accuracy_mean']:.4f}, pass@{args.num_samples} {stats['pass_k_accuracy_mean']:.4f}, "
           f"KL {stats['kl_mean']:.4f} -> {output_dir / f'reward_stats_{tag}.json'}")

@@ -22,3 +22,24 @@ def test_readme_python_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", blocks[0]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "tiny_models" / "ckpt_0" / "config.json").exists()
+
+
+def bash_blocks(text: str) -> list[str]:
+    """The commands of every ```bash block, continuation lines joined, whitespace normalised."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [" ".join(block.replace("\\\n", " ").split()) for block in blocks]
+
+
+def test_readme_keeps_the_seed_commands():
+    """The four stage commands of the user's seed README appear in README.md as written."""
+    seed_dir = REPO.parent / "shared" / "seed"
+    seeds = sorted(seed_dir.glob("*.txt")) if seed_dir.is_dir() else []
+    if not seeds:
+        import pytest
+
+        pytest.skip("seed README not available")
+    seed_commands = bash_blocks(seeds[0].read_text())
+    assert len(seed_commands) == 4
+    ours = bash_blocks((REPO / "README.md").read_text())
+    for command in seed_commands:
+        assert command in ours, f"README lost the seed command: {command[:80]}..."
