@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.cli import describe_sources, inherit, inherited_help, int01, load_run_args, problem_file_name, run
+from utils.cli import add_inherited_flags, describe_sources, inherit, int01, load_run_args, problem_file_name, run
 from utils.data import write_json
 from utils.models import default_device, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
@@ -63,37 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of problems marked eval when --train_eval_save_path does not exist yet and is built")
     p.add_argument("--is_first_round", type=int01, required=True,
                    help="1: roll in with the reference policy (classifier head zero); 0: with --classifier_ckpt_path")
-    p.add_argument("--ref_model_id", type=str, help=inherited_help("reference model (hub id or path)", INHERITED["ref_model_id"]))
-    p.add_argument("--classifier_model_id", type=str,
-                   help=inherited_help("base LM of the classifier (round 1)", INHERITED["classifier_model_id"]))
     p.add_argument("--classifier_ckpt_path", type=str, default=None,
                    help="trained classifier checkpoint (round 2+; default: a fresh head on --classifier_model_id)")
-    p.add_argument("--classifier_type", type=str, choices=["Q", "V"], help=inherited_help("value head", "V"))
-    p.add_argument("--inference_mode", type=str, choices=["bernoulli", "expectation", "mle", "disabled"],
-                   help=inherited_help("guidance offset", "bernoulli"))
-    p.add_argument("--loss_type", type=str, choices=["bce", "mse", "mle"], help=inherited_help("classifier loss", "bce"))
-    p.add_argument("--use_bias", type=int01, help=inherited_help("head has a bias", 0))
-    p.add_argument("--data_path", type=str, help=inherited_help("problems jsonl", INHERITED["data_path"]))
-    p.add_argument("--train_eval_save_path", type=str,
-                   help=inherited_help("split map json (built with --eval_ratio if missing)", INHERITED["train_eval_save_path"]))
-    p.add_argument("--dataset_type", type=str, choices=["gsm8k", "math"],
-                   help=inherited_help("grading: gsm8k answers or math solutions", "inferred from the records"))
     p.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
     p.add_argument("--num_samples", type=int, default=16, help="repeats per problem")
-    p.add_argument("--use_chat_template", type=int01, help=inherited_help("wrap prompts in the chat template", 1))
-    p.add_argument("--eta", type=float, help=inherited_help("guidance strength (0 = reference policy)", 0.0))
     p.add_argument("--top_k", type=int, default=20, help="guided candidates per step (-1 = all)")
-    p.add_argument("--temperature", type=float, help=inherited_help("sampling temperature (0 = greedy)", 0.8))
-    p.add_argument("--top_p", type=float, help=inherited_help("nucleus sampling", 0.9))
-    p.add_argument("--max_new_tokens", type=int, help=inherited_help("response budget in tokens", 1024))
-    p.add_argument("--dtype", type=str, choices=["float32", "bfloat16", "float16"], help=inherited_help("model dtype", "bfloat16"))
-    p.add_argument("--match_fn_type", type=str, choices=["symbolic", "strict"], help=inherited_help("answer matching", "symbolic"))
     p.add_argument("--output_dir", type=str, required=True, help="folder of the per-problem files")
     p.add_argument("--force", type=int01, default=0, help="1: redo this run's files even if they exist")
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
-    p.add_argument("--num_atoms", type=int, help=inherited_help("histogram atoms (mle)", 11))
-    p.add_argument("--V_min", type=float, help=inherited_help("lowest atom (mle)", 0.0))
-    p.add_argument("--V_max", type=float, help=inherited_help("highest atom (mle)", 1.0))
+    add_inherited_flags(p, INHERITED)
     return p.parse_args(argv)
 
 

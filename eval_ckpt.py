@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from utils.answers import grade, majority_vote, pass_at_k
 from utils.cli import (
+    add_inherited_flags,
     describe_sources,
     eval_tag,
     inherit,
-    inherited_help,
     int01,
     load_run_args,
     problem_file_name,
@@ -80,24 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=str, default=None, help="where results go (default: the checkpoint folder)")
     p.add_argument("--force", type=int01, default=0, help="1: redo existing samples of these settings")
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
-    p.add_argument("--ref_model_id", type=str, help=inherited_help("reference model", INHERITED["ref_model_id"]))
-    p.add_argument("--classifier_type", type=str, choices=["Q", "V"], help=inherited_help("value head", "V"))
-    p.add_argument("--inference_mode", type=str, choices=["bernoulli", "expectation", "mle", "disabled"],
-                   help=inherited_help("guidance offset", "bernoulli"))
-    p.add_argument("--loss_type", type=str, choices=["bce", "mse", "mle"], help=inherited_help("classifier loss", "bce"))
-    p.add_argument("--use_bias", type=int01, help=inherited_help("head has a bias", 0))
-    p.add_argument("--data_path", type=str, help=inherited_help("problems jsonl", "the training problems"))
-    p.add_argument("--train_eval_save_path", type=str, help=inherited_help("split map: its eval problems are evaluated", "the training map"))
-    p.add_argument("--dataset_type", type=str, choices=["gsm8k", "math"], help=inherited_help("grading", "inferred"))
-    p.add_argument("--use_chat_template", type=int01, help=inherited_help("wrap prompts in the chat template", 1))
-    p.add_argument("--eta", type=float, help=inherited_help("guidance strength (0 = reference model)", "the training eta"))
-    p.add_argument("--temperature", type=float, help=inherited_help("sampling temperature (0 = greedy)", 0.8))
-    p.add_argument("--top_p", type=float, help=inherited_help("nucleus sampling", 0.9))
-    p.add_argument("--dtype", type=str, choices=["float32", "bfloat16", "float16"], help=inherited_help("model dtype", "bfloat16"))
-    p.add_argument("--match_fn_type", type=str, choices=["symbolic", "strict"], help=inherited_help("answer matching", "symbolic"))
-    p.add_argument("--num_atoms", type=int, help=inherited_help("histogram atoms (mle)", 11))
-    p.add_argument("--V_min", type=float, help=inherited_help("lowest atom (mle)", 0.0))
-    p.add_argument("--V_max", type=float, help=inherited_help("highest atom (mle)", 1.0))
+    add_inherited_flags(p, INHERITED)
     return p.parse_args(argv)
 
 

@@ -169,7 +169,8 @@ def main(args: argparse.Namespace) -> None:
     choose("dataset_type", args.dataset_type, ("gsm8k", "math"))
     output_dir = Path(args.output_dir)
     accelerator.print(f"train: {spec.classifier_type}/{spec.loss_type} head, inference_mode={args.inference_mode}, "
-                      f"eta={args.eta} (also the default eta of collection/eval from this run) -> {output_dir}")
+                      f"eta={args.eta}, top_k={args.top_k}, temperature={args.temperature} (recorded in args.json: the defaults "
+                      f"of collection/eval from this run, top_k excepted) -> {output_dir}")
     train_examples, id_examples, ood_examples = prepare_data(args, spec)
 
     tokenizer = load_tokenizer(args.ref_model_id)

@@ -178,3 +178,15 @@ def test_two_rounds_v_bce_and_q_mle(workdir):
     assert f"{(NUM_PROBLEMS // 4) * NUM_SAMPLES} of {(NUM_PROBLEMS // 4) * NUM_SAMPLES} batches already done" in out
     after = {p.name: p.read_bytes() for p in (workdir / "collected_data" / "tiny_gsm8k_r2").glob("*_r*.json")}
     assert before == after
+
+
+def test_bad_input_is_one_line_error(workdir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "collect_training_data.py"), *round1_collect_args(), "--end_index", "99999",
+         "--output_dir", "collected_data/bad/"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: --end_index 99999") and "Traceback" not in result.stderr
+    assert not (workdir / "collected_data" / "bad").exists() or not any((workdir / "collected_data" / "bad").iterdir())

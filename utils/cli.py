@@ -96,3 +96,45 @@ def eval_tag(eta: float, top_k: int, temperature: float, cd_baseline: bool = Fal
 def problem_file_name(problem_id: int, repeat: int) -> str:
     """Per-problem, per-repeat output file of collection and evaluation: ``<id>_r<repeat>.json``."""
     return f"{problem_id}_r{repeat}.json"
+
+
+# Flags that collection and evaluation inherit from args.json: name -> (type, help).
+INHERITABLE_FLAGS = {
+    "ref_model_id": (str, "reference model (hub id or path)"),
+    "classifier_model_id": (str, "base LM of the classifier (round 1)"),
+    "classifier_type": (str, "value head"),
+    "inference_mode": (str, "guidance offset"),
+    "loss_type": (str, "classifier loss"),
+    "use_bias": (int01, "head has a bias (0/1)"),
+    "data_path": (str, "problems jsonl"),
+    "train_eval_save_path": (str, "split map json"),
+    "dataset_type": (str, "grading: gsm8k answers or math solutions (default: inferred from the records)"),
+    "use_chat_template": (int01, "wrap prompts in the chat template (0/1)"),
+    "eta": (float, "guidance strength (0 = the reference policy)"),
+    "temperature": (float, "sampling temperature (0 = greedy)"),
+    "top_p": (float, "nucleus sampling"),
+    "max_new_tokens": (int, "response budget in tokens"),
+    "dtype": (str, "model dtype"),
+    "match_fn_type": (str, "answer matching"),
+    "num_atoms": (int, "histogram atoms (mle)"),
+    "V_min": (float, "lowest atom (mle)"),
+    "V_max": (float, "highest atom (mle)"),
+}
+
+
+def add_inherited_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Declare the flags of ``defaults`` (a subset of ``INHERITABLE_FLAGS``) with ``None`` as
+    parse default, so that ``inherit`` can tell a given flag from a missing one."""
+    from utils.answers import MATCH_FNS
+    from utils.classifier import CLASSIFIER_TYPES, LOSS_TYPES
+    from utils.guidance import INFERENCE_MODES
+    from utils.models import DTYPES
+    from utils.problems import DATASET_TYPES
+
+    choices = {
+        "classifier_type": CLASSIFIER_TYPES, "inference_mode": INFERENCE_MODES, "loss_type": LOSS_TYPES,
+        "dataset_type": DATASET_TYPES, "dtype": list(DTYPES), "match_fn_type": list(MATCH_FNS),
+    }
+    for name, default in defaults.items():
+        type_, text = INHERITABLE_FLAGS[name]
+        parser.add_argument(f"--{name}", type=type_, choices=choices.get(name), help=inherited_help(text, default))
