@@ -95,6 +95,8 @@ def eval_problem_ids(args, records, tokenizer) -> list[int]:
         lengths = [len(tokenizer(t, add_special_tokens=not args.use_chat_template).input_ids) for t in texts]
         kept = [i for i, n in zip(ids, lengths) if n <= args.max_prompt_length]
         print(f"eval: {len(ids) - len(kept)} problem(s) skipped for prompts over {args.max_prompt_length} tokens")
+        if not kept:
+            raise ValueError(f"every eval prompt is longer than --max_prompt_length {args.max_prompt_length} tokens")
         ids = kept
     return ids
 

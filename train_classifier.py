@@ -32,7 +32,6 @@ from utils.cli import ARGS_FILE, int01, run
 from utils.data import write_json
 from utils.metrics import eval_metrics
 from utils.models import check_vocab_compatible, load_tokenizer
-from utils.registry import choose
 from utils.seeding import set_seed
 from utils.splits import load_split_map
 from utils.training import (
@@ -166,7 +165,6 @@ def main(args: argparse.Namespace) -> None:
     check_args(args, accelerator)
     set_seed(args.seed)
     spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
-    choose("dataset_type", args.dataset_type, ("gsm8k", "math"))
     output_dir = Path(args.output_dir)
     accelerator.print(f"train: {spec.classifier_type}/{spec.loss_type} head, inference_mode={args.inference_mode}, "
                       f"eta={args.eta}, top_k={args.top_k}, temperature={args.temperature} (recorded in args.json: the defaults "
