@@ -32,6 +32,6 @@ timed train python "$REPO/train_classifier.py" --ref_model_id tiny_models/ref --
 --loss_type bce --dataset_type gsm8k --data_paths collected_data/llama_3_8b_instruct_gsm8k/all_train_data.jsonl --drop_no_variation 0 --eta 1 --output_dir checkpoints/llama_3_8b_instruct_gsm8k/ --num_epochs 5 \
 --dtype float32 --batch_size 8 --ckpt_freq 10
 
-CKPT=$(ls -d checkpoints/llama_3_8b_instruct_gsm8k/ckpt_* | sort -t_ -k4 -n | tail -1)
+CKPT=$(ls -d checkpoints/llama_3_8b_instruct_gsm8k/ckpt_* | sort -V | tail -1)
 timed eval python "$REPO/eval_ckpt.py" --classifier_ckpt_path "$CKPT/" --eta 10 --data_path dataset/gsm8k_test.jsonl --train_eval_save_path dataset/gsm8k_test_eval.json \
 --start_index 0 --end_index 16 --max_new_tokens 64
