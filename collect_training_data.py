@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.cli import add_inherited_flags, describe_sources, inherit, int01, load_run_args, problem_file_name, run
+from utils.cli import (
+    MODEL_DEFAULTS,
+    add_inherited_flags,
+    describe_sources,
+    inherit,
+    int01,
+    load_run_args,
+    problem_file_name,
+    run,
+)
 from utils.data import write_json
 from utils.models import default_device, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
@@ -32,25 +41,12 @@ from utils.splits import ensure_split_map
 
 # Flags read from the checkpoint's args.json when not given (round 2+), with their defaults.
 INHERITED = {
-    "ref_model_id": "meta-llama/Meta-Llama-3-8B-Instruct",
+    **MODEL_DEFAULTS,
     "classifier_model_id": "meta-llama/Llama-3.2-1B-Instruct",
-    "classifier_type": "V",
-    "inference_mode": "bernoulli",
-    "loss_type": "bce",
-    "use_bias": 0,
     "data_path": "dataset/gsm8k_train.jsonl",
     "train_eval_save_path": "dataset/gsm8k_train_eval.json",
-    "dataset_type": None,
-    "use_chat_template": 1,
     "eta": 0.0,
-    "temperature": 0.8,
-    "top_p": 0.9,
     "max_new_tokens": 1024,
-    "dtype": "bfloat16",
-    "match_fn_type": "symbolic",
-    "num_atoms": 11,
-    "V_min": 0.0,
-    "V_max": 1.0,
 }
 RENAMED = {"data_path": "original_problems_path"}
 

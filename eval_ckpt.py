@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from utils.answers import grade, majority_vote, pass_at_k
 from utils.cli import (
+    MODEL_DEFAULTS,
     add_inherited_flags,
     describe_sources,
     eval_tag,
@@ -43,23 +44,10 @@ from utils.seeding import batch_seed, set_seed
 from utils.splits import load_split_map
 
 INHERITED = {
-    "ref_model_id": "meta-llama/Meta-Llama-3-8B-Instruct",
-    "classifier_type": "V",
-    "inference_mode": "bernoulli",
-    "loss_type": "bce",
-    "use_bias": 0,
+    **MODEL_DEFAULTS,
     "data_path": "dataset/gsm8k_test.jsonl",
     "train_eval_save_path": "dataset/gsm8k_test_eval.json",
-    "dataset_type": None,
-    "use_chat_template": 1,
     "eta": 1.0,
-    "temperature": 0.8,
-    "top_p": 0.9,
-    "dtype": "bfloat16",
-    "match_fn_type": "symbolic",
-    "num_atoms": 11,
-    "V_min": 0.0,
-    "V_max": 1.0,
 }
 RENAMED = {"data_path": "original_problems_path"}
 

@@ -98,6 +98,24 @@ def problem_file_name(problem_id: int, repeat: int) -> str:
     return f"{problem_id}_r{repeat}.json"
 
 
+# Defaults shared by collection and evaluation for the flags they inherit from args.json.
+MODEL_DEFAULTS = {
+    "ref_model_id": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "classifier_type": "V",
+    "inference_mode": "bernoulli",
+    "loss_type": "bce",
+    "use_bias": 0,
+    "dataset_type": None,
+    "use_chat_template": 1,
+    "temperature": 0.8,
+    "top_p": 0.9,
+    "dtype": "bfloat16",
+    "match_fn_type": "symbolic",
+    "num_atoms": 11,
+    "V_min": 0.0,
+    "V_max": 1.0,
+}
+
 # Flags that collection and evaluation inherit from args.json: name -> (type, help).
 INHERITABLE_FLAGS = {
     "ref_model_id": (str, "reference model (hub id or path)"),
