@@ -26,7 +26,6 @@ with some probability, decided by the operator token of its first equation.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys

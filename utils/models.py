@@ -119,16 +119,25 @@ def tokenize_prompts(
     use_chat_template: bool,
     device: str | torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask`` [batch, prompt_len], and nothing else.
+    """Left-padded ``input_ids`` / ``attention_mask`` [batch, prompt_len] of raw prompts."""
+    return tokenize_texts(tokenizer, format_prompts(tokenizer, prompts, use_chat_template), use_chat_template, device)
+
+
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    use_chat_template: bool,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` of texts from ``format_prompts``, and nothing else.
 
     Only these two keys are returned: ``generate`` rejects ``token_type_ids``. With a chat
     template the template already holds the BOS token, so no special tokens are added.
     """
-    texts = format_prompts(tokenizer, prompts, use_chat_template)
     if tokenizer.padding_side != "left":
         raise ValueError("prompts must be left-padded; load the tokenizer with utils.models.load_tokenizer")
     encoded = tokenizer(
-        texts, add_special_tokens=not use_chat_template, padding=True, return_tensors="pt", return_attention_mask=True
+        list(texts), add_special_tokens=not use_chat_template, padding=True, return_tensors="pt", return_attention_mask=True
     )
     batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     if device is not None:

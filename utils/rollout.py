@@ -9,7 +9,7 @@ import torch
 from utils.answers import grade
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, generate_responses
-from utils.models import check_vocab_compatible, default_device, format_prompts, load_tokenizer, tokenize_prompts
+from utils.models import check_vocab_compatible, default_device, format_prompts, load_tokenizer, tokenize_texts
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -27,6 +27,17 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict
 def unpadded_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     """The prompt ids of each row without its left padding."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu())]
+
+
+def roll_in(ref_model, tokenizer, records, processor, *, use_chat_template, temperature, top_p, max_new_tokens, stop_ids):
+    """Prompt texts, the left-padded prompt batch, and one (guided) response per record
+    ([batch, steps] ids and [batch] lengths)."""
+    texts = format_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template)
+    batch = tokenize_texts(tokenizer, texts, use_chat_template, ref_model.device)
+    responses, lengths = generate_responses(
+        ref_model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens, temperature, top_p, processor
+    )
+    return texts, batch, responses, lengths
 
 
 def collect_batch(
@@ -54,10 +65,9 @@ def collect_batch(
     """
     device = ref_model.device
     pad = tokenizer.pad_token_id
-    batch = tokenize_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template, device)
-    prompt_texts = format_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template)
-    responses, lengths = generate_responses(
-        ref_model, batch, stop_ids, pad, max_new_tokens, temperature, top_p, processor
+    prompt_texts, batch, responses, lengths = roll_in(
+        ref_model, tokenizer, records, processor, use_chat_template=use_chat_template, temperature=temperature,
+        top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
     )
     responses, lengths = responses.cpu(), lengths.tolist()
     prompts = unpadded_prompts(batch)
@@ -119,9 +129,9 @@ def sample_batch(
     over the response's tokens (``kl``) and averaged per token (``kl_per_token``); a no-op
     guidance has KL 0.
     """
-    batch = tokenize_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template, ref_model.device)
-    responses, lengths = generate_responses(
-        ref_model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens, temperature, top_p, processor
+    _, _, responses, lengths = roll_in(
+        ref_model, tokenizer, records, processor, use_chat_template=use_chat_template, temperature=temperature,
+        top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
     )
     if processor is None or processor.is_noop:
         kl_steps = torch.zeros(responses.shape, dtype=torch.float32)
