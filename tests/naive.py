@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import LogitsProcessor
 
 
 def naive_candidate_logits(classifier, input_ids, attention_mask, candidates):
@@ -47,3 +48,76 @@ def closed_form_offsets(logits, mode, eta, atoms=None):
     if mode == "cd":
         return eta * p
     raise ValueError(mode)
+
+
+class KeepScores(LogitsProcessor):
+    """Wraps a guidance processor and keeps every step's guided logits, as the original
+    evaluation did (memory O(batch x steps x vocab))."""
+
+    is_noop = False
+
+    def __init__(self, inner):
+        self.inner, self.steps = inner, []
+
+    def reset(self, attention_mask=None, stop_ids=None):
+        self.steps = []
+        if not self.inner.is_noop:
+            self.inner.reset(attention_mask, stop_ids=stop_ids)
+
+    def __call__(self, input_ids, scores):
+        out = scores if self.inner.is_noop else self.inner(input_ids, scores)
+        self.steps.append(out.clone())
+        return out
+
+
+def two_pass_kl(ref_model, batch, responses, lengths, guided_steps, temperature, kl_batch_size=2):
+    """KL(guided || reference) per response [batch], computed the original way.
+
+    ``guided_steps`` [batch, steps, vocab] are the guided logits kept during decoding; a
+    second forward pass of the reference model over prompt + response (``kl_batch_size``
+    rows at a time) gives the reference logits of every step. Both at ``temperature``;
+    steps after a response's end are left out.
+    """
+    prompt_len, steps = batch["input_ids"].shape[1], responses.shape[1]
+    ids = torch.cat([batch["input_ids"], responses], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(responses)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    per_step = []
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], kl_batch_size):
+            rows = slice(start, start + kl_batch_size)
+            logits = ref_model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows]).logits
+            reference = logits[:, prompt_len - 1 : prompt_len - 1 + steps].float()  # [rows, steps, vocab]
+            guided = guided_steps[rows].float()
+            log_p = torch.log_softmax(guided / temperature, dim=-1)
+            log_q = torch.log_softmax(reference / temperature, dim=-1)
+            terms = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
+            per_step.append(terms.sum(-1))
+    per_step = torch.cat(per_step)  # [batch, steps]
+    inside = torch.arange(steps)[None, :] < lengths.cpu()[:, None]
+    return (per_step.cpu() * inside).sum(-1)
+
+
+def two_pass_sample_batch(ref_model, tokenizer, records, processor, *, use_chat_template, temperature, top_p,
+                          max_new_tokens, stop_ids, kl_batch_size=2):
+    """``utils.rollout.sample_batch`` with the original's KL: keep every step's scores, then
+    a second reference pass. ``processor`` must not record KL itself."""
+    from utils.rollout import roll_in
+
+    keeper = KeepScores(processor)
+    _, batch, responses, lengths = roll_in(
+        ref_model, tokenizer, records, keeper, use_chat_template=use_chat_template, temperature=temperature,
+        top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+    )
+    guided = torch.stack(keeper.steps, dim=1)  # [batch, steps, vocab]
+    kl = two_pass_kl(ref_model, batch, responses, lengths, guided, temperature if temperature > 0 else 1.0, kl_batch_size)
+    results = []
+    for row in range(len(records)):
+        length = int(lengths[row])
+        results.append({
+            "prediction": tokenizer.decode(responses[row, :length].tolist(), skip_special_tokens=True),
+            "num_response_tokens": length,
+            "kl": float(kl[row]),
+            "kl_per_token": float(kl[row]) / max(length, 1),
+        })
+    return results

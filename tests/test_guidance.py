@@ -302,3 +302,72 @@ def test_bfloat16_classifier_gives_finite_offsets_close_to_float32(tokenizer, ma
         outputs.append(out)
     assert torch.isfinite(outputs[1]).all() and outputs[1].dtype == torch.float32
     torch.testing.assert_close(outputs[1], outputs[0], atol=0.15, rtol=0)
+
+
+@pytest.mark.parametrize("classifier_type", ["Q", "V"])
+def test_finished_rows_leave_the_classifier_batch(tokenizer, make_classifier, classifier_type):
+    """A row that emitted a stop id is dropped from the classifier's batch and keeps its reference
+    logits; the other rows' guided logits still equal the recomputation from scratch."""
+    classifier = make_classifier(classifier_type, "bce")
+    batch = tokenize_prompts(tokenizer, PROMPTS, use_chat_template=True)
+    stop, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    processor = QSharpLogitsProcessor(classifier, 3.0, 6, "bernoulli", stop_ids=[stop])
+    processor.reset(batch["attention_mask"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    finished_at = {1: 2, 0: 4}  # row -> step at which it emits the stop id
+    torch.manual_seed(0)
+    for step in range(7):
+        scores = torch.randn(3, classifier.vocab_size)
+        guided = processor(ids, scores.clone())
+        done = [row for row, at in finished_at.items() if step > at]
+        active = [row for row in range(3) if row not in done]
+        assert processor._rows.tolist() == active
+        for row in done:
+            assert torch.equal(guided[row], scores[row]), f"step {step}: finished row {row} was guided"
+        expected, _ = expected_guided(classifier, ids[active], mask[active], scores[active], "bernoulli", 3.0, 6)
+        torch.testing.assert_close(guided[active], expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+        tokens = torch.randint(10, classifier.vocab_size, (3, 1))
+        for row, at in finished_at.items():
+            tokens[row] = stop if step == at else (pad if step > at else tokens[row])
+        ids = torch.cat([ids, tokens], dim=1)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+
+
+def test_all_rows_finished_runs_no_classifier(tokenizer, make_classifier):
+    classifier = make_classifier("V", "bce")
+    batch = tokenize_prompts(tokenizer, PROMPTS[:2], use_chat_template=True)
+    processor = QSharpLogitsProcessor(classifier, 3.0, 6, "bernoulli", stop_ids=[tokenizer.eos_token_id])
+    processor.reset(batch["attention_mask"])
+    scores = torch.randn(2, classifier.vocab_size)
+    processor(batch["input_ids"], scores.clone())
+    classifier.model.forward = explode
+    ids = torch.cat([batch["input_ids"], torch.full((2, 1), tokenizer.eos_token_id)], dim=1)
+    assert torch.equal(processor(ids, scores.clone()), scores)
+
+
+@pytest.mark.parametrize("classifier_type,top_k", [("V", 8), ("Q", -1)])
+def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, classifier_type, top_k):
+    """KL(guided || reference) accumulated while decoding equals the original's two-pass value
+    (every step's guided logits kept, then a second reference forward over prompt + response)."""
+    from tests.naive import two_pass_sample_batch
+    from utils.rollout import sample_batch
+
+    classifier = make_classifier(classifier_type, "bce")
+    records = [{"prompt": p} for p in PROMPTS]
+    stops = get_stop_ids(ref_model, tokenizer)
+    sampling = {"use_chat_template": True, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 24, "stop_ids": stops}
+    results = []
+    for kl_temperature in (0.8, None):
+        processor = QSharpLogitsProcessor(classifier, 4.0, top_k, pad_token_id=tokenizer.pad_token_id,
+                                          kl_temperature=kl_temperature)
+        torch.manual_seed(5)
+        if kl_temperature is not None:
+            results.append(sample_batch(ref_model, tokenizer, records, processor, **sampling))
+        else:
+            results.append(two_pass_sample_batch(ref_model, tokenizer, records, processor, kl_batch_size=2, **sampling))
+    online, two_pass = results
+    assert [r["prediction"] for r in online] == [r["prediction"] for r in two_pass]
+    assert [r["num_response_tokens"] for r in online] == [r["num_response_tokens"] for r in two_pass]
+    kl_online = torch.tensor([r["kl"] for r in online])
+    assert (kl_online > 0.01).all(), "guidance should move the distribution"
+    torch.testing.assert_close(kl_online, torch.tensor([r["kl"] for r in two_pass]), atol=1e-4, rtol=0)

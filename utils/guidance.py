@@ -89,10 +89,17 @@ class QSharpLogitsProcessor(LogitsProcessor):
     (``generate_responses`` does) and to pass the prompt's attention mask; without it
     the mask is inferred from ``pad_token_id`` (left padding).
 
+    Per step after the prompt, the classifier reads one token per row (Q) or the new
+    token plus the ``k`` candidates (V) with a 4-D additive mask and position ids kept
+    incrementally (no mask rebuilt by ``transformers``, no Python loop over rows). With
+    ``stop_ids`` known (constructor or :meth:`reset`), rows that have finished are dropped
+    from the classifier's batch and keep their reference logits: their next tokens are
+    padding anyway.
+
     ``top_k=-1`` guides every token (with a V head that is one candidate per vocabulary
-    entry and row: practical only for small vocabularies). Candidate ids beyond the classifier's vocabulary
-    (reference logits wider than the classifier's embedding) are never chosen as
-    candidates and keep their reference logit.
+    entry and row: practical only for small vocabularies). Candidate ids beyond the
+    classifier's vocabulary (reference logits wider than the classifier's embedding) are
+    never chosen as candidates and keep their reference logit.
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         cd_baseline: bool = False,
         pad_token_id: int | None = None,
         kl_temperature: float | None = None,
+        stop_ids: list[int] | None = None,
     ):
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
@@ -118,6 +126,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
             raise ValueError("a classifier is needed unless guidance is a no-op (eta 0 or inference_mode disabled)")
         self.classifier = classifier
         self.kl_temperature = kl_temperature
+        self.stop_ids = None if stop_ids is None else list(stop_ids)
         self.reset()
 
     @property
@@ -125,20 +134,26 @@ class QSharpLogitsProcessor(LogitsProcessor):
         """True when guidance leaves the reference logits unchanged (classifier never runs)."""
         return self.mode == "disabled" or self.eta == 0
 
-    def reset(self, attention_mask: torch.Tensor | None = None) -> None:
-        """Forget the cache; ``attention_mask`` [batch, prompt_len] is the next prompt's mask."""
+    def reset(self, attention_mask: torch.Tensor | None = None, stop_ids: list[int] | None = None) -> None:
+        """Forget the cache; ``attention_mask`` [batch, prompt_len] is the next prompt's mask,
+        ``stop_ids`` (if given) replace the ones used to detect finished rows."""
         self._cache = None
-        self._mask = None  # [batch, seen_len] mask of every token the classifier has read
+        self._shape = None  # (batch, length) of the input_ids the next step continues from
         self._prompt_mask = attention_mask
+        self._key_mask = None  # [active, 1, 1, seen_len] additive mask over the cached tokens
+        self._next_pos = None  # [active, 1] position id of the next token of each active row
+        self._rows = None  # [active] batch rows still generating (None until the prompt is read)
         self._kl_steps: list[torch.Tensor] = []
+        if stop_ids is not None:
+            self.stop_ids = list(stop_ids)
 
     def kl_per_step(self) -> torch.Tensor:
         """KL(guided || reference) of every decoding step since the last reset, [batch, steps].
 
         Recorded only with ``kl_temperature`` set: both next-token distributions at that
         temperature (before top-p), from the logits at hand while decoding, so no second
-        forward pass is needed. Steps after a sequence ended are included; mask them with
-        the response lengths.
+        forward pass is needed. Steps after a sequence ended are included (KL 0 once the
+        row is dropped); mask them with the response lengths.
         """
         if not self._kl_steps:
             raise ValueError("no KL recorded: create the processor with kl_temperature and run it first")
@@ -149,98 +164,136 @@ class QSharpLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.is_noop:
             return scores
-        new_ids, new_mask = self._advance(input_ids)  # [batch, n]
         vocab = min(scores.shape[-1], self.classifier.vocab_size)
         k = vocab if self.top_k == -1 else min(self.top_k, vocab)
-        if k == vocab and self.classifier.spec.classifier_type == "Q":
-            logits = self._q_values(new_ids, new_mask, None)  # [batch, vocab, A]
-            offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec)
-            guided = scores.clone()
-            guided[:, :vocab] += offsets.to(scores.dtype)
-            return self._record_kl(scores, guided)
-        candidates = scores[:, :vocab].topk(k, dim=-1).indices  # [batch, k]
-        if self.classifier.spec.classifier_type == "Q":
-            logits = self._q_values(new_ids, new_mask, candidates)  # [batch, k, A]
+        full_q = k == vocab and self.classifier.spec.classifier_type == "Q"
+        candidates = None if full_q else scores[:, :vocab].topk(k, dim=-1).indices  # [batch, k]
+        rows, logits = self._values(input_ids, candidates)  # [active], [active, k or vocab, A]
+        offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec).to(scores.dtype)
+        guided = scores.clone()
+        if rows is None:  # every row is active
+            if full_q:
+                guided[:, :vocab] += offsets
+            else:
+                guided.scatter_add_(1, candidates, offsets)
+        elif full_q:  # only the active rows get offsets
+            guided[rows, :vocab] += offsets
         else:
-            logits = self._v_values(new_ids, new_mask, candidates)  # [batch, k, A]
-        offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec)  # [batch, k]
-        return self._record_kl(scores, scores.scatter_add(1, candidates, offsets.to(scores.dtype)))
-
-    def _record_kl(self, scores: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+            guided[rows] = scores[rows].scatter_add(1, candidates[rows], offsets)
         if self.kl_temperature is not None:
             self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature))
         return guided
 
-    # ---- cache bookkeeping
-    def _advance(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens the classifier has not read yet and their mask; starts a new sequence if needed."""
+    # ---- classifier calls
+    def _values(self, input_ids: torch.LongTensor, candidates: torch.Tensor | None):
+        """Head logits of the active rows' candidates (``None``: every token, Q only).
+
+        Returns the active rows (``None`` = all) and logits [active, k or vocab, A].
+        """
         batch, length = input_ids.shape
-        continues = self._mask is not None and self._mask.shape == (batch, length - 1)
-        if continues:
-            new_mask = torch.ones(batch, 1, dtype=self._mask.dtype, device=input_ids.device)
-            return input_ids[:, -1:], new_mask
+        continues = self._shape == (batch, length - 1)
+        self._shape = (batch, length)
+        if not continues:
+            return None, self._read_prompt(input_ids, candidates)
+        self._drop_finished(input_ids[:, -1])
+        rows = self._rows
+        active = rows.shape[0]
+        if active == 0:  # every row has finished
+            width = self.classifier.vocab_size if candidates is None else candidates.shape[1]
+            return rows, torch.zeros(0, width, self.classifier.spec.num_outputs, device=input_ids.device)
+        new_ids = input_ids[rows, -1:] if active < batch else input_ids[:, -1:]  # [active, 1]
+        if active < batch and candidates is not None:
+            candidates = candidates[rows]
+        zero = torch.zeros(active, 1, 1, 1, dtype=self._key_mask.dtype, device=self._key_mask.device)
+        self._key_mask = torch.cat([self._key_mask, zero], dim=-1)  # [active, 1, 1, seen_len]
+        position = self._next_pos
+        self._next_pos = position + 1
+        if self.classifier.spec.classifier_type == "Q":
+            hidden, self._cache = self.classifier.hidden_states(
+                new_ids, attention_mask=self._key_mask, position_ids=position, past_key_values=self._cache, use_cache=True
+            )
+            logits = self.classifier.head_logits(hidden[:, -1], candidates)
+        else:
+            k = candidates.shape[1]
+            mask = torch.cat(  # [active, 1, 1 + k, seen_len + k]
+                [self._key_mask.expand(-1, -1, 1 + k, -1), self._candidate_block(k).expand(active, -1, -1, -1)], dim=-1
+            )
+            position_ids = torch.cat([position, (position + 1).expand(-1, k)], dim=1)  # [active, 1 + k]
+            logits = self._v_forward(torch.cat([new_ids, candidates], dim=1), mask, position_ids, k)
+        return (None if active == batch else rows), logits
+
+    def _read_prompt(self, input_ids: torch.LongTensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """First step of a sequence: read the whole (left-padded) prompt; logits [batch, k, A]."""
+        batch, n = input_ids.shape
         mask = self._prompt_mask
-        if mask is None or tuple(mask.shape) != (batch, length):
+        if mask is None or tuple(mask.shape) != (batch, n):
             if self.pad_token_id is None:
                 mask = torch.ones_like(input_ids)
             else:  # left padding: everything before the first non-pad token
                 mask = ((input_ids != self.pad_token_id).long().cumsum(-1) > 0).long()
-        self._cache, self._mask, self._prompt_mask = DynamicCache(config=self.classifier.config), None, None
-        return input_ids, mask.to(input_ids.device).long()
-
-    def _remember(self, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append the new tokens' mask; returns the full 2-D mask [batch, seen_len]."""
-        self._mask = new_mask if self._mask is None else torch.cat([self._mask, new_mask], dim=1)
-        return self._mask
-
-    # ---- classifier calls
-    def _q_values(self, new_ids, new_mask, candidates):
-        """Q head: read the new tokens, gather the candidates' head rows at the last state."""
-        mask = self._remember(new_mask)
-        hidden, self._cache = self.classifier.hidden_states(
-            new_ids, attention_mask=mask, past_key_values=self._cache, use_cache=True
+        mask = mask.to(input_ids.device).long()
+        self._cache, self._prompt_mask = DynamicCache(config=self.classifier.config), None
+        dtype, device = self.classifier.dtype, input_ids.device
+        self._key_mask = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device).masked_fill_(
+            mask[:, None, None, :] == 0, torch.finfo(dtype).min
         )
-        return self.classifier.head_logits(hidden[:, -1], candidates)  # [batch, k or vocab, A]
-
-    def _v_values(self, new_ids, new_mask, candidates):
-        """V head: one forward reads the new tokens and scores every candidate after them.
-
-        Input = [new tokens (n), candidates (k)]. Candidate j sits at the position after the
-        last token, attends to the valid prefix, the new tokens and itself only; new tokens
-        attend causally. The candidates are cropped from the cache afterwards.
-        """
-        batch, n = new_ids.shape
+        self._next_pos = mask.sum(-1, keepdim=True)  # [batch, 1]
+        self._rows = torch.arange(batch, device=device)
+        self._finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._stops = torch.tensor(self.stop_ids, device=device) if self.stop_ids else None
+        positions = position_ids_from_mask(mask)  # [batch, n]
+        if self.classifier.spec.classifier_type == "Q":
+            hidden, self._cache = self.classifier.hidden_states(
+                input_ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+            )
+            return self.classifier.head_logits(hidden[:, -1], candidates)
+        # V: [prompt (n), candidates (k)]; prompt tokens attend causally to valid tokens (and
+        # themselves, so a pad row is never fully masked); candidate j attends to the valid
+        # prompt and itself, at the position after the prompt.
         k = candidates.shape[1]
-        past_mask = self._mask  # [batch, past_len] or None
-        past_len = 0 if past_mask is None else past_mask.shape[1]
-        full_mask = self._remember(new_mask)  # [batch, past_len + n]
-        positions = position_ids_from_mask(full_mask)  # [batch, past_len + n]
-        next_position = full_mask.sum(-1, keepdim=True)  # [batch, 1]
-        position_ids = torch.cat([positions[:, past_len:], next_position.expand(batch, k)], dim=1)
-
-        device = new_ids.device
-        valid = full_mask.bool()  # [batch, past_len + n]
+        valid = mask.bool()
+        allowed = torch.zeros(batch, n + k, n + k, dtype=torch.bool, device=device)
         causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        eye_n = torch.eye(n, dtype=torch.bool, device=device)
-        # rows: queries [n + k]; columns: keys [past_len + n + k]
-        allowed = torch.zeros(batch, n + k, past_len + n + k, dtype=torch.bool, device=device)
-        allowed[:, :, : past_len + n] = valid[:, None, :]
-        allowed[:, :n, past_len : past_len + n] &= causal  # new tokens: causal over valid tokens
-        allowed[:, :n, past_len : past_len + n] |= eye_n  # and themselves, so a pad row is never fully masked
-        allowed[:, n:, past_len + n :] = torch.eye(k, dtype=torch.bool, device=device)  # candidates: themselves only
-        dtype = self.classifier.dtype
+        allowed[:, :n, :n] = (valid[:, None, :] & causal) | torch.eye(n, dtype=torch.bool, device=device)
+        allowed[:, n:, :n] = valid[:, None, :]
+        allowed[:, n:, n:] = torch.eye(k, dtype=torch.bool, device=device)
         additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        position_ids = torch.cat([positions, self._next_pos.expand(batch, k)], dim=1)
+        return self._v_forward(torch.cat([input_ids, candidates], dim=1), additive[:, None], position_ids, k)
 
+    def _v_forward(self, ids, mask, position_ids, k: int) -> torch.Tensor:
+        """Read ``ids`` = [new tokens, k candidates], keep only the new tokens in the cache; [rows, k, A]."""
         hidden, cache = self.classifier.hidden_states(
-            torch.cat([new_ids, candidates], dim=1),
-            attention_mask=additive[:, None],  # [batch, 1, n + k, past_len + n + k]
-            position_ids=position_ids,
-            past_key_values=self._cache,
-            use_cache=True,
+            ids, attention_mask=mask, position_ids=position_ids, past_key_values=self._cache, use_cache=True
         )
         cache.crop(-k)  # drop the k candidates (negative = tokens to remove, in every release)
         self._cache = cache
-        return self.classifier.head_logits(hidden[:, n:])  # [batch, k, A]
+        return self.classifier.head_logits(hidden[:, -k:])
+
+    def _candidate_block(self, k: int) -> torch.Tensor:
+        """Additive mask [1, 1, 1 + k, k] of the new token and the k candidates over the candidates:
+        the new token sees none, each candidate sees itself."""
+        key = (k, self._key_mask.dtype, self._key_mask.device)
+        if getattr(self, "_block_key", None) != key:
+            dtype, device = key[1], key[2]
+            seen = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=device), torch.eye(k, dtype=torch.bool, device=device)])
+            block = torch.zeros(1 + k, k, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
+            self._block_key, self._block = key, block[None, None]
+        return self._block
+
+    def _drop_finished(self, last_tokens: torch.Tensor) -> None:
+        """Remove rows whose last token is a stop id from the classifier's batch and cache."""
+        if self._stops is None:
+            return
+        self._finished |= torch.isin(last_tokens, self._stops)
+        keep = ~self._finished[self._rows]  # [active]
+        if bool(keep.all()):  # one host sync per step; generate() syncs every step anyway
+            return
+        index = keep.nonzero().squeeze(-1)
+        self._rows = self._rows[index]
+        self._key_mask, self._next_pos = self._key_mask[index], self._next_pos[index]
+        if index.numel() > 0:
+            self._cache.batch_select_indices(index)
 
 
 def generate_responses(
@@ -261,7 +314,7 @@ def generate_responses(
     """
     processors = []
     if processor is not None and not processor.is_noop:
-        processor.reset(batch["attention_mask"])
+        processor.reset(batch["attention_mask"], stop_ids=stop_ids)
         processors.append(processor)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
     output = model.generate(

@@ -1,0 +1,90 @@
+"""Problems per minute of one collection round (``collect_training_data.py``) on the tiny setup.
+
+    python bench/collect_throughput.py [--json] [--ref_model_id quickstart_out/models/ref --classifier_model_id quickstart_out/models/classifier]
+
+Synthetic GSM8K-format problems (``dataset/synthetic.py``) go through the real script's
+``main`` in this process: round 1 (``--eta 0``, the reference policy) by default, or a
+guided round with ``--eta 10`` (a zero V head on the classifier model: every top-k token
+lifted alike). Without ``--ref_model_id`` the models are the random tiny ones of
+``python -m utils.tiny_models`` (their responses rarely stop, so every one runs to
+``--max_new_tokens``); the quickstart's pretrained models give responses that end.
+The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
+output folders (median). ``--json`` prints ``{"problems_per_min", "samples_per_min", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import collect_training_data  # noqa: E402
+from dataset.synthetic import write_synthetic_dataset  # noqa: E402
+from utils.tiny_models import write_tiny_models  # noqa: E402
+
+
+def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_synthetic_dataset(tmp / "data", args.num_problems, 0, seed=args.seed)
+        if args.ref_model_id is None:
+            models = write_tiny_models(tmp / "models")
+            args.ref_model_id, args.classifier_model_id = str(models["ref"]), str(models["classifier"])
+        times = []
+        for repeat in range(args.repeats + 1):  # the first run warms up
+            argv = [
+                "--is_first_round", "1", "--start_index", "0", "--end_index", str(args.num_problems),
+                "--ref_model_id", args.ref_model_id, "--classifier_model_id", args.classifier_model_id or args.ref_model_id,
+                "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
+                "--output_dir", str(tmp / f"out_{repeat}"), "--num_samples", str(args.num_samples),
+                "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
+                "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", "0",
+                "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", "float32",
+            ]
+            collect_args = collect_training_data.parse_args(argv)
+            start = time.perf_counter()
+            collect_training_data.main(collect_args)
+            times.append(time.perf_counter() - start)
+            files = len(list((tmp / f"out_{repeat}").glob("*.json")))
+            if files != args.num_problems * args.num_samples:
+                raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
+    seconds = statistics.median(times[1:])
+    result = {
+        "problems_per_min": round(args.num_problems / seconds * 60, 1),
+        "samples_per_min": round(args.num_problems * args.num_samples / seconds * 60, 1),
+        "seconds": round(seconds, 2),
+        "num_problems": args.num_problems,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "eta": args.eta,
+        "models": "random tiny" if "tmp" in args.ref_model_id else args.ref_model_id,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['problems_per_min']} problems/min ({result['samples_per_min']} samples/min): "
+              f"{args.num_problems} problems x {args.num_samples} samples in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ref_model_id", type=str, default=None, help="reference model (default: random tiny)")
+    parser.add_argument("--classifier_model_id", type=str, default=None, help="classifier model (with --ref_model_id)")
+    parser.add_argument("--num_problems", type=int, default=32, help="synthetic problems collected")
+    parser.add_argument("--num_samples", type=int, default=2, help="repeats per problem")
+    parser.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="response budget")
+    parser.add_argument("--eta", type=float, default=0.0, help="0: round 1 (reference); > 0: guided by a zero V head")
+    parser.add_argument("--match_fn_type", type=str, default="symbolic", help="answer matcher")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (median)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems")
+    parser.add_argument("--json", action="store_true", help="one JSON line")
+    main(parser.parse_args())

@@ -1,0 +1,95 @@
+"""Cost of guided decoding relative to plain sampling from the reference model.
+
+    python bench/guidance_overhead.py [--json] [--ref_hidden 512 --ref_layers 4 --classifier_hidden 256 --classifier_layers 2]
+
+Same prompts (``--batch_size`` 16, ``--max_new_tokens`` 64, temperature 0.8, top-p 0.9, one seed per call), same
+random reference model; a random classifier backbone with about 1/8 of the reference's
+per-token compute gets a random Q head and a random V head (``--top_k`` 20, eta 10,
+bernoulli). Each configuration runs once to warm up, then ``--repeats`` times, unguided
+and guided interleaved; the ratio is the median guided time over the median unguided time.
+``limit`` is the compute-ratio floor ``1 + classifier / reference`` weights multiplied per
+token (a V head reads 1 + top_k tokens per step with those weights; on a decode that
+is bound by reading weights, not arithmetic, that costs about as much as one token).
+``--json`` prints one line per head: ``{"classifier_type", "ratio", "limit", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.common import add_size_flags, build_pair, matmul_params, median_time, prompt_batch  # noqa: E402
+from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
+from utils.guidance import QSharpLogitsProcessor, generate_responses  # noqa: E402
+from utils.models import get_stop_ids  # noqa: E402
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads) if args.threads > 0 else None
+    tokenizer, ref, lm = build_pair(args)
+    batch = prompt_batch(tokenizer, args.batch_size)
+    stop_ids = get_stop_ids(ref, tokenizer)
+    ref_params = matmul_params(ref)
+
+    def sample(processor):
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            ids, _ = generate_responses(
+                ref, batch, stop_ids, tokenizer.pad_token_id, args.max_new_tokens, args.temperature, args.top_p, processor
+            )
+        return ids.shape[1]
+
+    for classifier_type in args.heads:
+        spec = ClassifierSpec(classifier_type, "bce")
+        classifier = QSharpClassifier.from_causal_lm(lm, spec, init_mode="random", seed=args.seed).eval()
+        processor = QSharpLogitsProcessor(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
+        steps = (sample(None), sample(processor))  # warm-up
+        unguided, guided = [], []
+        for _ in range(args.repeats):
+            unguided.append(median_time(lambda: sample(None), 1))
+            guided.append(median_time(lambda: sample(processor), 1))
+        unguided_s, guided_s = sorted(unguided)[len(unguided) // 2], sorted(guided)[len(guided) // 2]
+        classifier_params = matmul_params(classifier.model) + (
+            args.top_k * spec.num_outputs * classifier.config.hidden_size if classifier_type == "Q" else classifier.score.weight.numel()
+        )
+        result = {
+            "classifier_type": classifier_type,
+            "ratio": round(guided_s / unguided_s, 4),
+            "limit": round(1 + classifier_params / ref_params, 4),
+            "unguided_s": round(unguided_s, 4),
+            "guided_s": round(guided_s, 4),
+            "steps": list(steps),
+            "reference_params": ref_params,
+            "classifier_params": classifier_params,
+            "batch_size": args.batch_size,
+            "top_k": args.top_k,
+            "threads": torch.get_num_threads(),
+        }
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{classifier_type}: guided {guided_s:.3f} s / unguided {unguided_s:.3f} s = {result['ratio']:.3f}x "
+                  f"(floor {result['limit']:.3f}x; {args.batch_size} x {steps[1]} tokens)", flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per call")
+    parser.add_argument("--top_k", type=int, default=20, help="guided candidates per step")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the README's runs use 0.8)")
+    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (the README's runs use 0.9)")
+    parser.add_argument("--eta", type=float, default=10.0, help="guidance strength")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (median)")
+    parser.add_argument("--heads", nargs="+", default=["Q", "V"], choices=["Q", "V"], help="classifier heads to time")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every sampling call")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per head")
+    add_size_flags(parser)
+    main(parser.parse_args())
