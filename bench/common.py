@@ -17,7 +17,7 @@ PROMPTS = [
 ]
 
 
-def add_size_flags(parser, ref=(128, 16), classifier=(128, 2), vocab_size=0) -> None:
+def add_size_flags(parser, ref=(64, 24), classifier=(64, 3), vocab_size=0) -> None:
     """--arch, --vocab_size and the hidden size / layer count of both random models."""
     parser.add_argument("--arch", type=str, default="llama", help="model family of both models")
     parser.add_argument("--vocab_size", type=int, default=vocab_size,

@@ -1,12 +1,15 @@
 """Cost of guided decoding relative to plain sampling from the reference model.
 
-    python bench/guidance_overhead.py [--json] [--ref_hidden 512 --ref_layers 4 --classifier_hidden 256 --classifier_layers 2]
+    python bench/guidance_overhead.py [--json] [--ref_hidden 64 --ref_layers 24 --classifier_hidden 64 --classifier_layers 3]
 
-Same prompts (``--batch_size`` 16, ``--max_new_tokens`` 64, temperature 0.8, top-p 0.9, one seed per call), same
-random reference model; a random classifier backbone with about 1/8 of the reference's
-per-token compute gets a random Q head and a random V head (``--top_k`` 20, eta 10,
-bernoulli). Each configuration runs once to warm up, then ``--repeats`` times, unguided
-and guided interleaved; the ratio is the median guided time over the median unguided time.
+Same prompts (``--batch_size`` 16, ``--max_new_tokens`` 64, temperature 0.8, top-p 0.9,
+one seed per call), same random Llama reference; a random classifier backbone with 1/8 of
+the reference's per-token compute gets a random Q head and a random V head (``--top_k``
+20, eta 10, bernoulli). The default pair has the same width and 1/8 of the layers, so the
+classifier costs 1/8 whether arithmetic or the per-layer call overhead of eager PyTorch
+dominates (at these sizes on a CPU, the latter). Each configuration runs once to warm up, then ``--repeats`` times, unguided
+and guided interleaved (alternating which goes first); ``ratio`` is the median guided time
+over the median unguided time, ``pair_ratio_median`` the median of the per-repeat ratios.
 ``limit`` is the compute-ratio floor ``1 + classifier / reference`` weights multiplied per
 token (a V head reads 1 + top_k tokens per step with those weights; on a decode that
 is bound by reading weights, not arithmetic, that costs about as much as one token).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,10 +55,11 @@ def main(args: argparse.Namespace) -> None:
         processor = QSharpLogitsProcessor(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
         steps = (sample(None), sample(processor))  # warm-up
         unguided, guided = [], []
-        for _ in range(args.repeats):
-            unguided.append(median_time(lambda: sample(None), 1))
-            guided.append(median_time(lambda: sample(processor), 1))
-        unguided_s, guided_s = sorted(unguided)[len(unguided) // 2], sorted(guided)[len(guided) // 2]
+        for repeat in range(args.repeats):  # alternate the order so that a slow drift cancels
+            for guided_run in ((False, True) if repeat % 2 == 0 else (True, False)):
+                elapsed = median_time(lambda: sample(processor if guided_run else None), 1)
+                (guided if guided_run else unguided).append(elapsed)
+        unguided_s, guided_s = statistics.median(unguided), statistics.median(guided)
         classifier_params = matmul_params(classifier.model) + (
             args.top_k * spec.num_outputs * classifier.config.hidden_size if classifier_type == "Q" else classifier.score.weight.numel()
         )
@@ -62,6 +67,7 @@ def main(args: argparse.Namespace) -> None:
             "classifier_type": classifier_type,
             "ratio": round(guided_s / unguided_s, 4),
             "limit": round(1 + classifier_params / ref_params, 4),
+            "pair_ratio_median": round(statistics.median(g / u for g, u in zip(guided, unguided)), 4),
             "unguided_s": round(unguided_s, 4),
             "guided_s": round(guided_s, 4),
             "steps": list(steps),
@@ -86,7 +92,7 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the README's runs use 0.8)")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (the README's runs use 0.9)")
     parser.add_argument("--eta", type=float, default=10.0, help="guidance strength")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls per configuration (median)")
     parser.add_argument("--heads", nargs="+", default=["Q", "V"], choices=["Q", "V"], help="classifier heads to time")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every sampling call")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

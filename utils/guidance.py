@@ -127,6 +127,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self.classifier = classifier
         self.kl_temperature = kl_temperature
         self.stop_ids = None if stop_ids is None else list(stop_ids)
+        self._block_key = None  # (k, dtype, device) of the cached candidate mask block
         self.reset()
 
     @property
@@ -140,9 +141,11 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._cache = None
         self._shape = None  # (batch, length) of the input_ids the next step continues from
         self._prompt_mask = attention_mask
-        self._key_mask = None  # [active, 1, 1, seen_len] additive mask over the cached tokens
+        self._key_mask = None  # [active, 1, 1, capacity] additive mask over the cached tokens (first _seen valid)
+        self._seen = 0
         self._next_pos = None  # [active, 1] position id of the next token of each active row
         self._rows = None  # [active] batch rows still generating (None until the prompt is read)
+        self._stops = None  # stop ids as a tensor on the prompt's device
         self._kl_steps: list[torch.Tensor] = []
         if stop_ids is not None:
             self.stop_ids = list(stop_ids)
@@ -160,10 +163,12 @@ class QSharpLogitsProcessor(LogitsProcessor):
         return torch.stack(self._kl_steps, dim=1)
 
     # ---- per-step entry point
-    @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.is_noop:
             return scores
+        if torch.is_grad_enabled():  # called outside generate(), which disables gradients itself
+            with torch.no_grad():
+                return self(input_ids, scores)
         vocab = min(scores.shape[-1], self.classifier.vocab_size)
         k = vocab if self.top_k == -1 else min(self.top_k, vocab)
         full_q = k == vocab and self.classifier.spec.classifier_type == "Q"
@@ -204,19 +209,18 @@ class QSharpLogitsProcessor(LogitsProcessor):
         new_ids = input_ids[rows, -1:] if active < batch else input_ids[:, -1:]  # [active, 1]
         if active < batch and candidates is not None:
             candidates = candidates[rows]
-        zero = torch.zeros(active, 1, 1, 1, dtype=self._key_mask.dtype, device=self._key_mask.device)
-        self._key_mask = torch.cat([self._key_mask, zero], dim=-1)  # [active, 1, 1, seen_len]
+        key_mask = self._grow_key_mask()  # [active, 1, 1, seen_len]
         position = self._next_pos
         self._next_pos = position + 1
         if self.classifier.spec.classifier_type == "Q":
             hidden, self._cache = self.classifier.hidden_states(
-                new_ids, attention_mask=self._key_mask, position_ids=position, past_key_values=self._cache, use_cache=True
+                new_ids, attention_mask=key_mask, position_ids=position, past_key_values=self._cache, use_cache=True
             )
             logits = self.classifier.head_logits(hidden[:, -1], candidates)
         else:
             k = candidates.shape[1]
             mask = torch.cat(  # [active, 1, 1 + k, seen_len + k]
-                [self._key_mask.expand(-1, -1, 1 + k, -1), self._candidate_block(k).expand(active, -1, -1, -1)], dim=-1
+                [key_mask.expand(-1, -1, 1 + k, -1), self._candidate_block(k).expand(active, -1, -1, -1)], dim=-1
             )
             position_ids = torch.cat([position, (position + 1).expand(-1, k)], dim=1)  # [active, 1 + k]
             logits = self._v_forward(torch.cat([new_ids, candidates], dim=1), mask, position_ids, k)
@@ -234,12 +238,11 @@ class QSharpLogitsProcessor(LogitsProcessor):
         mask = mask.to(input_ids.device).long()
         self._cache, self._prompt_mask = DynamicCache(config=self.classifier.config), None
         dtype, device = self.classifier.dtype, input_ids.device
-        self._key_mask = torch.zeros(batch, 1, 1, n, dtype=dtype, device=device).masked_fill_(
-            mask[:, None, None, :] == 0, torch.finfo(dtype).min
-        )
+        self._key_mask = torch.zeros(batch, 1, 1, n + 16, dtype=dtype, device=device)  # room to grow (doubles when full)
+        self._key_mask[..., :n].masked_fill_(mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+        self._seen = n
         self._next_pos = mask.sum(-1, keepdim=True)  # [batch, 1]
         self._rows = torch.arange(batch, device=device)
-        self._finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self._stops = torch.tensor(self.stop_ids, device=device) if self.stop_ids else None
         positions = position_ids_from_mask(mask)  # [batch, n]
         if self.classifier.spec.classifier_type == "Q":
@@ -270,11 +273,21 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._cache = cache
         return self.classifier.head_logits(hidden[:, -k:])
 
+    def _grow_key_mask(self) -> torch.Tensor:
+        """Count the new token (an attended zero) and return the mask [active, 1, 1, seen_len].
+
+        The buffer has spare columns, all zero, so a step is a slice; it doubles when full.
+        """
+        self._seen += 1
+        if self._seen > self._key_mask.shape[-1]:
+            self._key_mask = torch.cat([self._key_mask, torch.zeros_like(self._key_mask)], dim=-1)
+        return self._key_mask[..., : self._seen]
+
     def _candidate_block(self, k: int) -> torch.Tensor:
         """Additive mask [1, 1, 1 + k, k] of the new token and the k candidates over the candidates:
         the new token sees none, each candidate sees itself."""
         key = (k, self._key_mask.dtype, self._key_mask.device)
-        if getattr(self, "_block_key", None) != key:
+        if self._block_key != key:
             dtype, device = key[1], key[2]
             seen = torch.cat([torch.zeros(1, k, dtype=torch.bool, device=device), torch.eye(k, dtype=torch.bool, device=device)])
             block = torch.zeros(1 + k, k, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
@@ -282,14 +295,17 @@ class QSharpLogitsProcessor(LogitsProcessor):
         return self._block
 
     def _drop_finished(self, last_tokens: torch.Tensor) -> None:
-        """Remove rows whose last token is a stop id from the classifier's batch and cache."""
-        if self._stops is None:
+        """Remove rows whose last token is a stop id from the classifier's batch and cache.
+
+        A finished row's later tokens are padding, so only active rows are checked.
+        """
+        if self._stops is None or self._rows.shape[0] == 0:
             return
-        self._finished |= torch.isin(last_tokens, self._stops)
-        keep = ~self._finished[self._rows]  # [active]
-        if bool(keep.all()):  # one host sync per step; generate() syncs every step anyway
+        active = self._rows.shape[0]
+        done = torch.isin(last_tokens if active == last_tokens.shape[0] else last_tokens[self._rows], self._stops)
+        if not bool(done.any()):  # one host sync per step; generate() syncs every step anyway
             return
-        index = keep.nonzero().squeeze(-1)
+        index = (~done).nonzero().squeeze(-1)
         self._rows = self._rows[index]
         self._key_mask, self._next_pos = self._key_mask[index], self._next_pos[index]
         if index.numel() > 0:
