@@ -9,12 +9,16 @@ lifted alike). Without ``--ref_model_id`` the models are the random tiny ones of
 ``python -m utils.tiny_models`` (their responses rarely stop, so every one runs to
 ``--max_new_tokens``); the quickstart's pretrained models give responses that end.
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
-output folders (median). ``--json`` prints ``{"problems_per_min", "samples_per_min", ...}``.
+output folders (median). Also reported: the share of that time spent inside ``generate()``
+and, for the roll-in and the roll-out, the share of the row-steps that produce kept tokens
+(the rest pad rows that already ended). ``--json`` prints ``{"problems_per_min",
+"samples_per_min", "generate_share", "row_steps_kept", ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -26,8 +30,29 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collect_training_data  # noqa: E402
+from utils import rollout  # noqa: E402
 from dataset.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.tiny_models import write_tiny_models  # noqa: E402
+
+
+class GenerateMeter:
+    """Wraps ``utils.rollout.generate_responses``: time inside it, and how many of the row-steps
+    it runs are tokens kept (the rest are rows that already finished, padded along)."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+        self.row_steps = {"roll_in": 0, "roll_out": 0}
+        self.kept = {"roll_in": 0, "roll_out": 0}
+        self.inner = rollout.generate_responses
+
+    def __call__(self, model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs):
+        start = time.perf_counter()
+        ids, lengths = self.inner(model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        kind = "roll_in" if kwargs.get("processor", args[2] if len(args) > 2 else None) is not None else "roll_out"
+        self.row_steps[kind] += ids.shape[0] * ids.shape[1]
+        self.kept[kind] += int(lengths.clamp(max=ids.shape[1]).sum())
+        return ids, lengths
 
 
 def main(args: argparse.Namespace) -> None:
@@ -37,7 +62,8 @@ def main(args: argparse.Namespace) -> None:
         if args.ref_model_id is None:
             models = write_tiny_models(tmp / "models")
             args.ref_model_id, args.classifier_model_id = str(models["ref"]), str(models["classifier"])
-        times = []
+        times, meter = [], GenerateMeter()
+        rollout.generate_responses = meter
         for repeat in range(args.repeats + 1):  # the first run warms up
             argv = [
                 "--is_first_round", "1", "--start_index", "0", "--end_index", str(args.num_problems),
@@ -50,16 +76,20 @@ def main(args: argparse.Namespace) -> None:
             ]
             collect_args = collect_training_data.parse_args(argv)
             start = time.perf_counter()
-            collect_training_data.main(collect_args)
+            with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
+                collect_training_data.main(collect_args)
             times.append(time.perf_counter() - start)
             files = len(list((tmp / f"out_{repeat}").glob("*.json")))
             if files != args.num_problems * args.num_samples:
                 raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
+    rollout.generate_responses = meter.inner
     seconds = statistics.median(times[1:])
     result = {
         "problems_per_min": round(args.num_problems / seconds * 60, 1),
         "samples_per_min": round(args.num_problems * args.num_samples / seconds * 60, 1),
         "seconds": round(seconds, 2),
+        "generate_share": round(meter.seconds / sum(times), 3),  # of the whole main(), loading included
+        "row_steps_kept": {kind: round(meter.kept[kind] / max(meter.row_steps[kind], 1), 3) for kind in meter.kept},
         "num_problems": args.num_problems,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
