@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from utils.cli import (
     MODEL_DEFAULTS,
+    ArgumentParser,
     add_inherited_flags,
+    check_run_settings,
     describe_sources,
     inherit,
     int01,
@@ -32,7 +34,7 @@ from utils.cli import (
     problem_file_name,
     run,
 )
-from utils.data import write_json
+from utils.data import remove_stale_temporaries, write_json
 from utils.models import default_device, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import collect_batch, make_processor
@@ -52,7 +54,7 @@ RENAMED = {"data_path": "original_problems_path"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path)")
     p.add_argument("--end_index", type=int, default=-1, help="one past the last problem; -1 = to the end")
     p.add_argument("--eval_ratio", type=float, default=0.1,
@@ -71,6 +73,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
+    """What decides the distribution of the collected data: every shard and resume into one
+    folder must share it (batch size, dtype, index range and repeat count may differ)."""
+    names = ["data_path", "ref_model_id", "use_chat_template", "eta", "temperature", "top_p", "max_new_tokens",
+             "match_fn_type", "seed"]
+    if args.eta != 0 and args.inference_mode != "disabled":  # the classifier shapes the roll-in
+        names += ["classifier_model_id" if args.is_first_round else "classifier_ckpt_path", "classifier_type",
+                  "inference_mode", "loss_type", "num_atoms", "V_min", "V_max", "use_bias", "top_k"]
+    return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}
+
+
 def main(args: argparse.Namespace) -> None:
     saved = None
     if not args.is_first_round:
@@ -83,19 +96,21 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta must be non-negative, got {args.eta}")
 
     records, dataset_type = load_problems(args.data_path, args.dataset_type)
-    ensure_split_map(args.train_eval_save_path, [r["problem"] for r in records], args.eval_ratio, seed=47)
     indices = resolve_range(args.start_index, args.end_index, len(records))
+    ensure_split_map(args.train_eval_save_path, [r["problem"] for r in records], args.eval_ratio, seed=47)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+    check_run_settings(output_dir, run_settings(args, dataset_type))
     if args.force:
         for repeat in range(args.num_samples):
             for index in indices:
                 (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(args.ref_model_id)
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
     ref_model = load_causal_lm(args.ref_model_id, args.dtype, default_device())
     stop_ids = get_stop_ids(ref_model, tokenizer)
-    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
 
     chunks = [list(indices[i : i + args.batch_size]) for i in range(0, len(indices), args.batch_size)]
     work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks

@@ -27,7 +27,9 @@ from tqdm import tqdm
 from utils.answers import grade, majority_vote, pass_at_k
 from utils.cli import (
     MODEL_DEFAULTS,
+    ArgumentParser,
     add_inherited_flags,
+    check_run_settings,
     describe_sources,
     eval_tag,
     inherit,
@@ -36,7 +38,7 @@ from utils.cli import (
     problem_file_name,
     run,
 )
-from utils.data import read_json, write_json, write_jsonl
+from utils.data import read_json, remove_stale_temporaries, write_json, write_jsonl
 from utils.models import default_device, format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import make_processor, sample_batch
@@ -53,7 +55,7 @@ RENAMED = {"data_path": "original_problems_path"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classifier_ckpt_path", type=str, required=True, help="checkpoints/<exp>/ckpt_<step>/")
     p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path) of this shard")
     p.add_argument("--end_index", type=int, default=-1, help="one past the last problem of this shard; -1 = to the end")
@@ -70,6 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
     add_inherited_flags(p, INHERITED)
     return p.parse_args(argv)
+
+
+def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
+    """What decides the samples of one output tag besides eta, top_k, temperature and CD (in
+    the tag): every shard and resume must share it (batch size, dtype, index range and sample
+    count may differ)."""
+    names = ["classifier_ckpt_path", "data_path", "ref_model_id", "use_chat_template", "top_p", "max_new_tokens",
+             "max_prompt_length", "match_fn_type", "seed", "inference_mode", "classifier_type", "loss_type",
+             "num_atoms", "V_min", "V_max"]
+    return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}
 
 
 def eval_problem_ids(args, records, tokenizer) -> list[int]:
@@ -148,6 +160,9 @@ def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir or args.classifier_ckpt_path)
     sample_dir = output_dir / f"individual_eval_inference_{tag}"
     sample_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (output_dir, sample_dir):
+        remove_stale_temporaries(folder)
+    check_run_settings(sample_dir, run_settings(args, dataset_type))
     if args.force:
         for problem_id in ids:
             for repeat in range(args.num_samples):
@@ -159,11 +174,11 @@ def main(args: argparse.Namespace) -> None:
     print(f"eval: {len(ids)} problems x {args.num_samples} samples, {len(work)} of {len(chunks) * args.num_samples} "
           f"batches to run -> {sample_dir}")
     if work:
+        kl_temperature = args.temperature if args.temperature > 0 else 1.0
+        processor = make_processor(args, tokenizer, checkpoint=args.classifier_ckpt_path,  # a bad checkpoint fails first
+                                   cd_baseline=bool(args.cd_baseline), kl_temperature=kl_temperature)
         ref_model = load_causal_lm(args.ref_model_id, args.dtype, default_device())
         stop_ids = get_stop_ids(ref_model, tokenizer)
-        kl_temperature = args.temperature if args.temperature > 0 else 1.0
-        processor = make_processor(args, tokenizer, checkpoint=args.classifier_ckpt_path,
-                                   cd_baseline=bool(args.cd_baseline), kl_temperature=kl_temperature)
         for repeat, chunk in tqdm(work, desc="eval", unit="batch"):
             set_seed(batch_seed(args.seed, repeat, chunk[0]))
             batch_records = [records[i] for i in chunk]

@@ -25,11 +25,11 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_constant_schedule_with_warmup
+from transformers import AutoConfig, get_constant_schedule_with_warmup
 
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
-from utils.cli import ARGS_FILE, int01, run
-from utils.data import write_json
+from utils.cli import ARGS_FILE, ArgumentParser, int01, run
+from utils.data import remove_stale_temporaries, write_json
 from utils.metrics import eval_metrics
 from utils.models import check_vocab_compatible, load_tokenizer
 from utils.seeding import set_seed
@@ -49,7 +49,7 @@ V_HEAD_GRAD_CLIP = 5.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world_size", type=int, default=1, help="number of processes; must match the accelerate launch")
     p.add_argument("--ref_model_id", type=str, default="meta-llama/Meta-Llama-3-8B-Instruct",
                    help="reference model whose tokenizer the data uses (recorded for collection/eval)")
@@ -118,6 +118,11 @@ def check_args(args, accelerator) -> None:
         raise ValueError("--classifier_ckpt_path needs --resume_opt_scheduler 0 or 1")
     if args.inference_mode == "mle" and args.loss_type != "mle":
         raise ValueError("--inference_mode mle needs --loss_type mle")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be non-negative, got {args.eta}")
+    for path in (args.original_problems_path, *args.data_paths):  # the first is recorded for collection and eval
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"problem file {path} does not exist")
     for name in ("batch_size", "gradient_accumulation_step", "num_epochs", "eval_freq", "ckpt_freq"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
@@ -172,9 +177,11 @@ def main(args: argparse.Namespace) -> None:
     train_examples, id_examples, ood_examples = prepare_data(args, spec)
 
     tokenizer = load_tokenizer(args.ref_model_id)
+    source = args.classifier_ckpt_path if args.init_mode == "warmstart" else args.classifier_model_id
+    check_vocab_compatible(tokenizer, AutoConfig.from_pretrained(source).vocab_size)  # before any weights are read
     model = build_classifier(args, spec)
-    check_vocab_compatible(tokenizer, model.vocab_size)
     if accelerator.is_main_process:
+        remove_stale_temporaries(output_dir)  # half-written checkpoints of a killed run
         write_json(output_dir / ARGS_FILE, vars(args))
 
     pad = tokenizer.pad_token_id

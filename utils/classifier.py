@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from utils.data import temporary_prefix
 from utils.models import get_dtype
 from utils.registry import choose
 
@@ -289,7 +290,7 @@ class QSharpClassifier(nn.Module):
 
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target.name), dir=target.parent))
         try:
             prefix = self.model.base_model_prefix
             state = {f"{prefix}.{key}": value for key, value in self.model.state_dict().items()}

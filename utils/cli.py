@@ -1,8 +1,8 @@
 """Command-line plumbing shared by the four stage scripts.
 
 - ``int01``: the original scripts' 0/1 integer flags.
-- ``run``: runs ``main(args)``; a user error (``ValueError``/``FileNotFoundError``) prints
-  one ``error: ...`` line on stderr and exits 2 instead of a traceback
+- ``ArgumentParser`` and ``run``: a user error (bad flag, ``ValueError``, ``OSError``) prints
+  one ``error: ...`` line on stderr and exits 2 instead of a usage block or a traceback
   (``QSHARP_DEBUG=1`` re-raises).
 - args.json inheritance: collection (round 2+) and evaluation read the training arguments
   saved next to a checkpoint (``<ckpt>/../args.json``); flags given on the command line
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from utils.data import read_json
+from utils.data import read_json, write_json
 
 ARGS_FILE = "args.json"
 
@@ -31,11 +31,23 @@ def int01(value: str) -> int:
     return int(value)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors (unknown choice, missing flag, bad 0/1 value)
+    are one ``error: ...`` line on stderr and exit code 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> None:
-    """Run a script's ``main``; user errors end with one line on stderr and exit code 2."""
+    """Run a script's ``main``; user errors end with one line on stderr and exit code 2.
+
+    User errors are ``ValueError`` (bad values, malformed files) and ``OSError`` (missing,
+    unreadable or unwritable paths).
+    """
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if os.environ.get("QSHARP_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -156,3 +168,36 @@ def add_inherited_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any
     for name, default in defaults.items():
         type_, text = INHERITABLE_FLAGS[name]
         parser.add_argument(f"--{name}", type=type_, choices=choices.get(name), help=inherited_help(text, default))
+
+
+SETTINGS_FILE = "run_settings.json"
+
+
+def _comparable(value: Any) -> Any:
+    """Local paths compare by their real location, so ``./x`` and ``/abs/x`` are the same setting."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Keep one run's files apart from another's: the first run records ``settings`` in
+    ``folder/run_settings.json``; a later run (a resume, another shard) must bring the same.
+
+    Raises ``ValueError`` naming every setting that differs, unless the folder holds no
+    results yet (a first run that failed before writing any). Settings that do not change
+    what is sampled (batch size, dtype, index range, number of repeats) are left out by the caller.
+    """
+    path = Path(folder) / SETTINGS_FILE
+    current = {name: _comparable(value) for name, value in settings.items()}
+    if path.is_file():
+        saved = read_json(path)
+        differ = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+        holds_results = any(p.name != SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
+        if differ and holds_results:
+            details = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} now" for name in differ)
+            raise ValueError(f"{folder} holds files from other settings ({details}); "
+                             "use another output folder, or remove that one to start over")
+        if not differ:
+            return
+    write_json(path, current)  # a folder without results takes the new settings

@@ -5,21 +5,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+TMP_SUFFIX = ".tmp"
+_HOST = socket.gethostname().replace(".", "-") or "host"
+
+
+def temporary_prefix(name: str) -> str:
+    """Prefix of the temporaries written for ``name``: ``.<name>.<host>.<pid>.`` (see :func:`remove_stale_temporaries`)."""
+    return f".{name}.{_HOST}.{os.getpid()}."
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Open a temporary file next to ``path``; rename it over ``path`` only on success.
 
-    A crash or exception inside the block leaves ``path`` untouched (old content or
-    absent) and removes the temporary file.
+    An exception inside the block leaves ``path`` untouched (old content or absent) and
+    removes the temporary file. A process killed outright (SIGKILL, out of memory) can
+    leave its temporary behind; :func:`remove_stale_temporaries` clears those.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -30,6 +43,44 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that killed processes of this host left in ``folder``.
+
+    Temporaries are named ``.<name>.<host>.<pid>.<random>.tmp``; one is stale when its
+    host is this one and its process no longer runs. Those of live processes (shards
+    writing into the same folder) and of other hosts are left alone. Returns the removed paths.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match is None or match.group("host") != _HOST or _process_alive(int(match.group("pid"))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+(\.tmp)?$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def read_json(path: str | os.PathLike) -> Any:

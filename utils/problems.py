@@ -24,7 +24,8 @@ def load_problems(path: str | os.PathLike, dataset_type: str | None = None) -> t
     gsm8k, ``solution`` for math); the first one that does not is named with its line.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"problem file {path} does not exist")
+        what = "is a folder, not a jsonl file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"problem file {path} {what}")
     records = read_jsonl(path)
     if not records:
         raise ValueError(f"problem file {path} holds no records")

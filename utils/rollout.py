@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from utils.answers import grade
 from utils.classifier import ClassifierSpec, QSharpClassifier
@@ -171,13 +172,14 @@ def make_processor(
     if args.eta == 0 or args.inference_mode == "disabled":
         return QSharpLogitsProcessor(None, 0.0, args.top_k, **common)
     spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
+    source = args.classifier_model_id if checkpoint is None else checkpoint
+    has_tokenizer = checkpoint is None or (Path(checkpoint) / "tokenizer_config.json").is_file()
+    # checked from the config, before any weights are read
+    check_vocab_compatible(tokenizer, AutoConfig.from_pretrained(source).vocab_size,
+                           load_tokenizer(source) if has_tokenizer else None)
     if checkpoint is None:
-        classifier = QSharpClassifier.from_causal_lm(args.classifier_model_id, spec, init_mode="zero", dtype=args.dtype)
-        classifier_tokenizer = load_tokenizer(args.classifier_model_id)
+        classifier = QSharpClassifier.from_causal_lm(source, spec, init_mode="zero", dtype=args.dtype)
     else:
         classifier = QSharpClassifier.from_pretrained(checkpoint, spec=spec, dtype=args.dtype)
-        has_tokenizer = (Path(checkpoint) / "tokenizer_config.json").is_file()
-        classifier_tokenizer = load_tokenizer(checkpoint) if has_tokenizer else None
-    check_vocab_compatible(tokenizer, classifier.vocab_size, classifier_tokenizer)
     classifier.to(default_device()).eval().requires_grad_(False)
     return QSharpLogitsProcessor(classifier, args.eta, args.top_k, args.inference_mode, cd_baseline, **common)

@@ -1,0 +1,214 @@
+"""Resuming after a hard kill: a stage run killed with SIGKILL part-way and started again
+with the same arguments ends with exactly the files of an uninterrupted run of the same
+seed (same names, same parsed content, sampled text included) and no stray temporaries.
+
+Covered: collect_training_data.py round 1 (reference policy, and guided by a zero V head)
+and eval_ckpt.py on a classifier checkpoint built here. Each run is a subprocess on the
+tiny random Llama models and synthetic GSM8K-format problems. A kill that lands inside a
+write leaves the atomic writer's temporary (``.<name>.<host>.<pid>.<random>.tmp``) behind;
+since that window is too short to hit on purpose, the killed run's temporary is also laid
+down by hand, under the killed process's pid, before the run is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from dataset.synthetic import write_synthetic_dataset
+from utils.data import TMP_SUFFIX, temporary_prefix
+from utils.tiny_models import write_tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_TRAIN, NUM_TEST, NUM_SAMPLES = 8, 6, 2
+SAMPLING = ["--use_chat_template", "0", "--dtype", "float32", "--max_new_tokens", "16", "--temperature", "0.8",
+            "--top_p", "0.9", "--num_samples", str(NUM_SAMPLES), "--batch_size", "2"]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+TIMEOUT = 300
+# Besides the results, a run may keep this record of its settings in each result folder
+# (checked by a resume); it must then be the same as in the uninterrupted run.
+BOOKKEEPING = "run_settings.json"
+RESULT = re.compile(r"\d+_r\d+\.json")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """tiny/ (ref and classifier models), data/ (synthetic problems) and exp/ckpt_0 (a V/bce
+    checkpoint with a random head, and the exp/args.json that evaluation inherits from)."""
+    from utils.classifier import ClassifierSpec, QSharpClassifier
+    from utils.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("resume")
+    write_tiny_models(root / "tiny", arch="llama")
+    paths = write_synthetic_dataset(root / "data", NUM_TRAIN, NUM_TEST, seed=0)
+    classifier = QSharpClassifier.from_causal_lm(str(root / "tiny" / "classifier"), ClassifierSpec("V", "bce"),
+                                                 init_mode="random", dtype="float32", seed=0)
+    classifier.save_pretrained(root / "exp" / "ckpt_0", tokenizer=load_tokenizer(str(root / "tiny" / "classifier")))
+    args = {
+        "ref_model_id": "tiny/ref", "classifier_model_id": "tiny/classifier", "classifier_type": "V",
+        "inference_mode": "bernoulli", "loss_type": "bce", "use_bias": 0, "dataset_type": "gsm8k",
+        "original_problems_path": str(paths["train"].relative_to(root)),
+        "train_eval_save_path": str(paths["train_eval"].relative_to(root)),
+        "use_chat_template": 0, "eta": 5.0, "temperature": 0.8, "top_p": 0.9, "dtype": "float32",
+        "match_fn_type": "symbolic", "num_atoms": 11, "V_min": 0.0, "V_max": 1.0,
+    }
+    (root / "exp" / "args.json").write_text(json.dumps(args, indent=2))
+    return root
+
+
+def command(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / script), *args]
+
+
+def start(workdir: Path, cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in the background (stdout and stderr into ``log``)."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path) -> None:
+    """Wait for ``proc``; it must succeed."""
+    try:
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"{Path(proc.args[1]).name} failed:\n{log.read_text()[-3000:]}"
+
+
+def run_to_end(workdir: Path, cmd: list[str], log: Path) -> None:
+    finish(start(workdir, cmd, log), log)
+
+
+@contextmanager
+def alongside(workdir: Path, cmd: list[str], log: Path):
+    """Run ``cmd`` in the background during the block (on the other core); it must succeed."""
+    proc = start(workdir, cmd, log)
+    try:
+        yield
+        finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def results_in(folder: Path) -> list[str]:
+    """The ``<id>_r<repeat>.json`` result files in ``folder``."""
+    return [n for n in os.listdir(folder) if RESULT.fullmatch(n)] if folder.is_dir() else []
+
+
+def run_and_kill(workdir: Path, cmd: list[str], result_dir: Path, total: int, log: Path) -> int:
+    """Start ``cmd``, SIGKILL it once some but not all of its ``total`` result files exist;
+    return the killed process's pid."""
+    proc = start(workdir, cmd, log)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not results_in(result_dir):
+            assert proc.poll() is None, f"{Path(cmd[1]).name} ended before it wrote a result:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no result file written in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed: give it more problems"
+    written = len(results_in(result_dir))
+    assert 0 < written < total, f"killed after {written} of {total} results: not mid-way"
+    return proc.pid
+
+
+def leave_killed_temporary(folder: Path, name: str, pid: int) -> Path:
+    """The temporary a process ``pid`` killed while writing ``folder/name`` leaves behind."""
+    prefix = temporary_prefix(name).replace(f".{os.getpid()}.", f".{pid}.")
+    path = folder / f"{prefix}k1ll3d{TMP_SUFFIX}"
+    path.write_text('{"problem": "half writ')
+    return path
+
+
+def tree(folder: Path) -> dict[str, object]:
+    """Every entry under ``folder`` (hidden ones included) -> its parsed JSON / JSONL content."""
+    entries = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(folder))
+            if path.is_dir():
+                entries[rel + "/"] = None
+            elif name.endswith(".jsonl"):
+                entries[rel] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            elif name.endswith(".json") and not name.startswith("."):
+                entries[rel] = json.loads(path.read_text())
+            else:
+                entries[rel] = path.read_bytes()
+    return entries
+
+
+def check_same_as_uninterrupted(resumed: Path, uninterrupted: Path, expected_results: set[str]) -> None:
+    """Same entries (hidden ones included) as the uninterrupted run, which wrote the expected
+    results and nothing else but its settings record; same parsed content everywhere."""
+    got, want = tree(resumed), tree(uninterrupted)
+    hidden = [rel for rel in got if any(part.startswith(".") for part in Path(rel).parts)]
+    unexpected = sorted(rel for rel in set(want) - expected_results if Path(rel).name != BOOKKEEPING)
+    assert not unexpected and expected_results <= set(want), (
+        f"uninterrupted run: unexpected {unexpected}, missing {sorted(expected_results - set(want))}")
+    visible = {rel: content for rel, content in got.items() if rel not in hidden}
+    assert set(visible) == set(want), (f"missing after resume: {sorted(set(want) - set(visible))}, "
+                                       f"extra: {sorted(set(visible) - set(want))}")
+    different = sorted(rel for rel in want if visible[rel] != want[rel])
+    assert not different, f"differ from the uninterrupted run: {different}"
+    assert not hidden, f"stray files after resume: {hidden}"
+
+
+@pytest.mark.parametrize("name, guidance", [("eta0", ["--eta", "0"]), ("eta5_V", ["--eta", "5", "--classifier_type", "V"])],
+                         ids=["eta0", "eta5_V"])
+def test_collect_resumes_after_sigkill(workdir, name, guidance):
+    """collect_training_data.py killed mid-way, re-run: the files of an uninterrupted run."""
+    out, full = workdir / f"collect_{name}_killed", workdir / f"collect_{name}_full"
+
+    def collect(output_dir: Path) -> list[str]:
+        return command("collect_training_data.py", "--is_first_round", "1", *guidance, "--ref_model_id", "tiny/ref",
+                       "--classifier_model_id", "tiny/classifier", "--data_path", "data/synth_train.jsonl",
+                       "--train_eval_save_path", "data/synth_train_eval.json", *SAMPLING, "--output_dir", str(output_dir))
+
+    expected = {f"{i}_r{r}.json" for i in range(NUM_TRAIN) for r in range(NUM_SAMPLES)}
+    with alongside(workdir, collect(full), workdir / f"{full.name}.log"):
+        pid = run_and_kill(workdir, collect(out), out, len(expected), workdir / f"{out.name}.1.log")
+        leave_killed_temporary(out, min(expected - set(results_in(out))), pid)
+        run_to_end(workdir, collect(out), workdir / f"{out.name}.2.log")
+    check_same_as_uninterrupted(out, full, expected)
+
+
+def test_eval_resumes_after_sigkill(workdir):
+    """eval_ckpt.py killed mid-way, re-run: the samples, results and stats of an uninterrupted run."""
+    tag = "eta_5.0_top_k_20_temp_0.8"
+    out, full = workdir / "eval_killed", workdir / "eval_full"
+
+    def evaluate(output_dir: Path) -> list[str]:
+        return command("eval_ckpt.py", "--classifier_ckpt_path", "exp/ckpt_0", "--eta", "5",
+                       "--data_path", "data/synth_test.jsonl", "--train_eval_save_path", "data/synth_test_eval.json",
+                       "--num_samples", str(NUM_SAMPLES), "--batch_size", "2", "--max_new_tokens", "16",
+                       "--output_dir", str(output_dir))
+
+    sample_dir = f"individual_eval_inference_{tag}"
+    samples = {f"{i}_r{r}.json" for i in range(NUM_TEST) for r in range(NUM_SAMPLES)}
+    expected = {f"{sample_dir}/", f"inference_eval_results_{tag}.jsonl", f"reward_stats_{tag}.json",
+                *(f"{sample_dir}/{name}" for name in samples)}
+    with alongside(workdir, evaluate(full), workdir / f"{full.name}.log"):
+        pid = run_and_kill(workdir, evaluate(out), out / sample_dir, len(samples), workdir / f"{out.name}.1.log")
+        assert not (out / f"reward_stats_{tag}.json").exists()
+        leave_killed_temporary(out / sample_dir, min(samples - set(results_in(out / sample_dir))), pid)
+        run_to_end(workdir, evaluate(out), workdir / f"{out.name}.2.log")
+    check_same_as_uninterrupted(out, full, expected)
