@@ -293,6 +293,23 @@ def test_collect_resumes_with_other_batch_size_and_shard(env, capsys):
     assert snapshot(folder) == before  # everything was already there
 
 
+def test_force_redoes_only_this_runs_files(env, tmp_path):
+    """--force 1 deletes (and rewrites) the files of its own range and repeats, nothing else."""
+    folder = tmp_path / "collected"
+    shutil.copytree(env["collected"], folder)
+    (folder / "notes.txt").write_text("mine")
+    for path in folder.iterdir():
+        os.utime(path, (0, 0))  # a rewritten file gets a fresh time
+    before = {p.name: (p.stat().st_mtime, p.read_bytes()) for p in folder.iterdir()}
+    argv = replace(replace(collect_argv(env, output=str(folder)), "--end_index", "2"), "--num_samples", "1")
+    run(collect_training_data.main, collect_training_data.parse_args([*argv, "--force", "1"]))
+    after = {p.name: (p.stat().st_mtime, p.read_bytes()) for p in folder.iterdir()}
+    assert set(after) == set(before)
+    redone = {name for name in after if after[name][0] != before[name][0]}
+    assert redone == {"0_r0.json", "1_r0.json"}
+    assert all(after[name][1] == before[name][1] for name in after), "same seed, same samples"
+
+
 def test_run_settings_bind_a_folder_once_it_holds_results(tmp_path):
     from utils.cli import check_run_settings
 
