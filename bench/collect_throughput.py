@@ -79,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
             with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
                 collect_training_data.main(collect_args)
             times.append(time.perf_counter() - start)
-            files = len(list((tmp / f"out_{repeat}").glob("*.json")))
+            files = len(list((tmp / f"out_{repeat}").glob("*_r*.json")))
             if files != args.num_problems * args.num_samples:
                 raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
     rollout.generate_responses = meter.inner
