@@ -39,3 +39,11 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 
 def test_repeat_seed_matches_original():
     assert [repeat_seed(47, r) for r in range(3)] == [47, 97, 147]
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp makes 0600 files; results on a shared filesystem must be readable like any other file."""
+    write_json(tmp_path / "a.json", {"x": 1})
+    with open(tmp_path / "b.json", "w") as handle:
+        handle.write("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777

@@ -15,6 +15,8 @@ from typing import Any, Iterable, Iterator
 
 TMP_SUFFIX = ".tmp"
 _HOST = socket.gethostname().replace(".", "-") or "host"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def temporary_prefix(name: str) -> str:
@@ -38,6 +40,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions of a plain open(), not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,215 @@
+"""Tabulate every evaluation's ``reward_stats_*.json`` and plot pass@1 against KL.
+
+    python -m utils.report checkpoints/llama_3_8b_instruct_gsm8k/ [checkpoints/other/ckpt_100/ ...] --out_dir report
+
+Each argument is a checkpoint folder, an experiment folder holding several ``ckpt_*/``, or a
+stats file itself; ``reward_stats_*.json`` files are searched recursively under each folder.
+Prints one markdown row per stats file (run, method, eta, top_k, temperature, k, problems,
+pass@1, maj@k, pass@k, mean KL per trajectory, mean KL per token) and writes
+``OUT_DIR/results.csv`` (full precision) and ``OUT_DIR/pass1_vs_kl.png``. ``method`` is
+``reference`` for eta 0, ``cd`` for the Controlled-Decoding baseline, ``qsharp`` otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from utils.cli import ArgumentParser, run
+from utils.data import atomic_open, read_json
+
+STATS_GLOB = "reward_stats_*.json"
+CSV_NAME = "results.csv"
+PNG_NAME = "pass1_vs_kl.png"
+COLUMNS = ["run", "method", "eta", "top_k", "temperature", "k", "problems",
+           "pass@1", "maj@k", "pass@k", "kl", "kl_per_token"]
+# column -> (key in reward_stats json, type); kl_per_token may be absent (NaN).
+FIELDS = {
+    "eta": ("eta", float),
+    "top_k": ("top_k", int),
+    "temperature": ("temperature", float),
+    "k": ("num_samples", int),
+    "problems": ("num_problems", int),
+    "pass@1": ("single_sample_accuracy_mean", float),
+    "maj@k": ("majority_vote_accuracy_mean", float),
+    "pass@k": ("pass_k_accuracy_mean", float),
+    "kl": ("kl_mean", float),
+    "kl_per_token": ("kl_per_token_mean", float),
+}
+OPTIONAL_FIELDS = {"kl_per_token"}
+METHOD_STYLES = {"reference": ("o", "tab:gray"), "qsharp": ("^", "tab:blue"), "cd": ("s", "tab:orange")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="checkpoint or experiment folders (searched recursively), or stats files")
+    p.add_argument("--out_dir", type=str, default=".", help=f"where {CSV_NAME} and {PNG_NAME} go (default: .)")
+    return p.parse_args(argv)
+
+
+def find_stats_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every ``reward_stats_*.json`` under ``paths`` (each path once, in the order found).
+
+    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` for one
+    that holds no stats file.
+    """
+    found: dict[Path, Path] = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if path.is_file():
+            if not path.match(STATS_GLOB):
+                raise ValueError(f"{path} is neither a folder nor a {STATS_GLOB} file")
+            files = [path]
+        else:
+            files = sorted(p for p in path.rglob(STATS_GLOB) if p.is_file())
+            if not files:
+                raise ValueError(f"no {STATS_GLOB} file under {path} (run eval_ckpt.py on a checkpoint first)")
+        for file in files:
+            found.setdefault(file.resolve(), file)
+    return list(found.values())
+
+
+def run_name(folder: Path) -> str:
+    """``folder`` relative to the current directory when it lies below it, else absolute."""
+    absolute = Path(os.path.abspath(folder))
+    try:
+        return absolute.relative_to(Path.cwd()).as_posix() or "."
+    except ValueError:
+        return absolute.as_posix()
+
+
+def method_of(eta: float, cd_baseline: bool) -> str:
+    """``reference`` (eta 0), ``cd`` (Controlled-Decoding baseline) or ``qsharp``."""
+    if eta == 0:
+        return "reference"
+    return "cd" if cd_baseline else "qsharp"
+
+
+def read_stats(path: Path) -> dict[str, Any]:
+    """One table row from a stats file; a missing or non-numeric field raises ``ValueError`` naming the file."""
+    stats = read_json(path)
+    if not isinstance(stats, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(stats).__name__}")
+    missing = [key for column, (key, _) in FIELDS.items() if key not in stats and column not in OPTIONAL_FIELDS]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (not a reward_stats file of eval_ckpt.py?)")
+    row: dict[str, Any] = {"run": run_name(path.parent)}
+    for column, (key, type_) in FIELDS.items():
+        value = stats.get(key)
+        if value is None and column in OPTIONAL_FIELDS:
+            row[column] = math.nan
+            continue
+        try:
+            if isinstance(value, (bool, str)) or (type_ is int and float(value) != int(value)):
+                raise TypeError
+            row[column] = type_(value)
+        except (TypeError, ValueError, OverflowError):
+            expected = "an integer" if type_ is int else "a number"
+            raise ValueError(f"{path}: {key} is {value!r}, expected {expected}") from None
+    cd_baseline = bool(stats.get("cd_baseline", path.name.endswith("_cd.json")))
+    row["method"] = method_of(row["eta"], cd_baseline)
+    return row
+
+
+def _natural_key(text: str) -> tuple:
+    """``ckpt_99`` before ``ckpt_100``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def collect_stats(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """One row per ``reward_stats_*.json`` under ``paths`` (columns ``COLUMNS``), sorted by run, method, eta."""
+    rows = [read_stats(file) for file in find_stats_files(paths)]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = df.sort_values(
+        ["run", "method", "eta", "top_k", "temperature", "k"],
+        key=lambda column: column.map(_natural_key) if column.name == "run" else column,
+        kind="stable",
+    )
+    return df.reset_index(drop=True)
+
+
+def _cell(column: str, value: Any) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if column in ("eta", "temperature"):
+        return f"{value:g}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table of ``df`` (numbers right-aligned, metrics with 4 decimals)."""
+    columns = list(df.columns)
+    cells = [[_cell(column, value) for column, value in zip(columns, row)] for row in df.itertuples(index=False)]
+    widths = [max([len(column), 3, *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+    numeric = [pd.api.types.is_numeric_dtype(df[column]) for column in columns]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(columns), rule, *(line(row) for row in cells)])
+
+
+def _point_labels(df: pd.DataFrame) -> list[str]:
+    """``eta=10``, plus the run's folder name when the table holds several runs."""
+    runs = df["run"].unique()
+    short = {name: Path(name).name or name for name in runs}
+    if len(set(short.values())) < len(runs):
+        short = {name: name for name in runs}
+    return [f"eta={eta:g}" + (f" ({short[name]})" if len(runs) > 1 else "") for name, eta in zip(df["run"], df["eta"])]
+
+
+def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Scatter pass@1 against mean KL per trajectory, one marker per method, points labelled with eta; atomic PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    try:
+        labels = _point_labels(df)
+        for method in [m for m in METHOD_STYLES if m in set(df["method"])]:
+            rows = df["method"] == method
+            marker, colour = METHOD_STYLES[method]
+            ax.scatter(df.loc[rows, "kl"], df.loc[rows, "pass@1"], marker=marker, color=colour, s=50, label=method)
+        for label, x, y in zip(labels, df["kl"], df["pass@1"]):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_title("pass@1 vs KL(guided || reference)")
+        ax.set_xlabel("mean KL per trajectory")
+        ax.set_ylabel("pass@1")
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
+        ax.grid(alpha=0.3)
+        ax.legend(title="method")
+        fig.tight_layout()
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> pd.DataFrame:
+    df = collect_stats(args.paths)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out_dir {out_dir} is not a directory")
+    print(to_markdown(df))
+    csv_path, png_path = out_dir / CSV_NAME, out_dir / PNG_NAME
+    with atomic_open(csv_path) as handle:
+        df.to_csv(handle, index=False)
+    plot_pass1_vs_kl(df, png_path)
+    print(f"\nreport: {len(df)} rows -> {csv_path}, {png_path}")
+    return df
+
+
+if __name__ == "__main__":
+    run(main, parse_args())
