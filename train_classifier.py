@@ -25,13 +25,13 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import AutoConfig, get_constant_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup
 
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import ARGS_FILE, ArgumentParser, int01, run
 from utils.data import remove_stale_temporaries, write_json
 from utils.metrics import eval_metrics
-from utils.models import check_vocab_compatible, load_tokenizer
+from utils.models import check_vocab_compatible, config_vocab_size, load_tokenizer
 from utils.seeding import set_seed
 from utils.splits import load_split_map
 from utils.training import (
@@ -178,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
 
     tokenizer = load_tokenizer(args.ref_model_id)
     source = args.classifier_ckpt_path if args.init_mode == "warmstart" else args.classifier_model_id
-    check_vocab_compatible(tokenizer, AutoConfig.from_pretrained(source).vocab_size)  # before any weights are read
+    check_vocab_compatible(tokenizer, config_vocab_size(source))  # before any weights are read
     model = build_classifier(args, spec)
     if accelerator.is_main_process:
         remove_stale_temporaries(output_dir)  # half-written checkpoints of a killed run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -53,11 +52,8 @@ def prompt_batch(tokenizer, batch_size: int) -> dict[str, torch.Tensor]:
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def median_time(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` (seconds)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def elapsed(fn) -> float:
+    """Wall time of one call of ``fn`` (seconds)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import PROMPTS, add_size_flags, build_pair, median_time  # noqa: E402
+from bench.common import PROMPTS, add_size_flags, build_pair, elapsed  # noqa: E402
 from tests.naive import two_pass_sample_batch  # noqa: E402
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor  # noqa: E402
@@ -75,8 +75,8 @@ def main(args: argparse.Namespace) -> None:
     diff = max(abs(a["kl"] - b["kl"]) for a, b in zip(results["online"], results["two_pass"]))
     times = {"online": [], "two_pass": []}
     for _ in range(args.repeats):
-        times["online"].append(median_time(run_online, 1))
-        times["two_pass"].append(median_time(run_two_pass, 1))
+        times["online"].append(elapsed(run_online))
+        times["two_pass"].append(elapsed(run_two_pass))
     online_s, two_pass_s = (sorted(t)[len(t) // 2] for t in (times["online"], times["two_pass"]))
     tokens = sum(r["num_response_tokens"] for r in results["online"])
     vocab = len(tokenizer)

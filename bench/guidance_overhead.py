@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import add_size_flags, build_pair, matmul_params, median_time, prompt_batch  # noqa: E402
+from bench.common import add_size_flags, build_pair, elapsed, matmul_params, prompt_batch  # noqa: E402
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor, generate_responses  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
@@ -57,8 +57,8 @@ def main(args: argparse.Namespace) -> None:
         unguided, guided = [], []
         for repeat in range(args.repeats):  # alternate the order so that a slow drift cancels
             for guided_run in ((False, True) if repeat % 2 == 0 else (True, False)):
-                elapsed = median_time(lambda: sample(processor if guided_run else None), 1)
-                (guided if guided_run else unguided).append(elapsed)
+                seconds = elapsed(lambda: sample(processor if guided_run else None))
+                (guided if guided_run else unguided).append(seconds)
         unguided_s, guided_s = statistics.median(unguided), statistics.median(guided)
         classifier_params = matmul_params(classifier.model) + (
             args.top_k * spec.num_outputs * classifier.config.hidden_size if classifier_type == "Q" else classifier.score.weight.numel()

@@ -176,14 +176,11 @@ class QSharpLogitsProcessor(LogitsProcessor):
         rows, logits = self._values(input_ids, candidates)  # [active], [active, k or vocab, A]
         offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec).to(scores.dtype)
         guided = scores.clone()
-        if rows is None:  # every row is active
-            if full_q:
-                guided[:, :vocab] += offsets
-            else:
-                guided.scatter_add_(1, candidates, offsets)
-        elif full_q:  # only the active rows get offsets
-            guided[rows, :vocab] += offsets
-        else:
+        if full_q:
+            guided[slice(None) if rows is None else rows, :vocab] += offsets
+        elif rows is None:  # every row is active
+            guided.scatter_add_(1, candidates, offsets)
+        else:  # only the active rows get offsets
             guided[rows] = scores[rows].scatter_add(1, candidates[rows], offsets)
         if self.kl_temperature is not None:
             self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature))

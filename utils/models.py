@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from utils.registry import choose
 
@@ -143,6 +143,11 @@ def tokenize_texts(
     if device is not None:
         batch = {key: value.to(device) for key, value in batch.items()}
     return batch
+
+
+def config_vocab_size(name_or_path: str) -> int:
+    """Vocabulary of a model from its config alone, before any weights are read."""
+    return AutoConfig.from_pretrained(name_or_path).vocab_size
 
 
 def model_vocab_size(model: torch.nn.Module) -> int:
