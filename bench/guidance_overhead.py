@@ -14,6 +14,11 @@ over the median unguided time, ``pair_ratio_median`` the median of the per-repea
 token (a V head reads 1 + top_k tokens per step with those weights; on a decode that
 is bound by reading weights, not arithmetic, that costs about as much as one token).
 ``--json`` prints one line per head: ``{"classifier_type", "ratio", "limit", ...}``.
+
+Where the extra time goes (medians over the guided runs, as shares of the unguided time):
+``classifier_share`` is the classifier's own forward passes, ``processor_share`` the whole
+logits processor (forward included: top-k, head rows, offsets, scatter, stop checks).
+``ratio - 1 - processor_share`` is what guided steps cost outside the processor.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,16 +55,33 @@ def main(args: argparse.Namespace) -> None:
             )
         return ids.shape[1]
 
+    def timed(fn, totals, key):
+        """``fn`` that adds its wall time to ``totals[key]``."""
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            totals[key] += time.perf_counter() - start
+            return out
+        return wrapper
+
     for classifier_type in args.heads:
         spec = ClassifierSpec(classifier_type, "bce")
         classifier = QSharpClassifier.from_causal_lm(lm, spec, init_mode="random", seed=args.seed).eval()
-        processor = QSharpLogitsProcessor(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
+        totals = {"processor": 0.0, "classifier": 0.0}  # seconds inside each, for the current call
+        classifier.hidden_states = timed(classifier.hidden_states, totals, "classifier")
+        timed_class = type("TimedProcessor", (QSharpLogitsProcessor,),
+                           {"__call__": timed(QSharpLogitsProcessor.__call__, totals, "processor")})
+        processor = timed_class(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
         steps = (sample(None), sample(processor))  # warm-up
-        unguided, guided = [], []
+        unguided, guided, inside = [], [], {"processor": [], "classifier": []}
         for repeat in range(args.repeats):  # alternate the order so that a slow drift cancels
             for guided_run in ((False, True) if repeat % 2 == 0 else (True, False)):
+                totals.update(processor=0.0, classifier=0.0)
                 seconds = elapsed(lambda: sample(processor if guided_run else None))
                 (guided if guided_run else unguided).append(seconds)
+                if guided_run:
+                    for key in inside:
+                        inside[key].append(totals[key])
         unguided_s, guided_s = statistics.median(unguided), statistics.median(guided)
         classifier_params = matmul_params(classifier.model) + (
             args.top_k * spec.num_outputs * classifier.config.hidden_size if classifier_type == "Q" else classifier.score.weight.numel()
@@ -68,6 +91,8 @@ def main(args: argparse.Namespace) -> None:
             "ratio": round(guided_s / unguided_s, 4),
             "limit": round(1 + classifier_params / ref_params, 4),
             "pair_ratio_median": round(statistics.median(g / u for g, u in zip(guided, unguided)), 4),
+            "classifier_share": round(statistics.median(inside["classifier"]) / unguided_s, 4),
+            "processor_share": round(statistics.median(inside["processor"]) / unguided_s, 4),
             "unguided_s": round(unguided_s, 4),
             "guided_s": round(guided_s, 4),
             "steps": list(steps),
@@ -81,7 +106,8 @@ def main(args: argparse.Namespace) -> None:
             print(json.dumps(result), flush=True)
         else:
             print(f"{classifier_type}: guided {guided_s:.3f} s / unguided {unguided_s:.3f} s = {result['ratio']:.3f}x "
-                  f"(floor {result['limit']:.3f}x; {args.batch_size} x {steps[1]} tokens)", flush=True)
+                  f"(floor {result['limit']:.3f}x; {args.batch_size} x {steps[1]} tokens); classifier forward "
+                  f"{result['classifier_share']:.1%}, whole processor {result['processor_share']:.1%} of unguided", flush=True)
 
 
 if __name__ == "__main__":

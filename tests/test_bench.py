@@ -26,6 +26,7 @@ def test_guidance_overhead_reports_q_and_v():
     for r in results:
         assert r["ratio"] > 0 and 1 < r["limit"] < 2
         assert r["steps"] == [4, 4]
+        assert 0 < r["classifier_share"] < r["processor_share"]
 
 
 def test_eval_kl_online_equals_two_pass():
