@@ -12,6 +12,14 @@ and repeat ``< num_samples``; existing files are skipped, so a re-run resumes an
 (different index ranges) can run in parallel. Round 2+: ``--is_first_round 0
 --classifier_ckpt_path checkpoints/<exp>/ckpt_<step>`` guides the roll-in with that
 classifier; model and sampling flags not given are read from ``checkpoints/<exp>/args.json``.
+
+One process per GPU (``--multi_gpu`` also on a machine without GPUs, one process per
+``--num_processes`` on the CPU)::
+
+    accelerate launch --multi_gpu --num_processes 4 collect_training_data.py <same flags>
+
+Each process takes whole ``--batch_size`` chunks of ``[start_index, end_index)`` (in blocks)
+on ``cuda:LOCAL_RANK``; the files are the same as those of one process.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from utils.cli import (
     run,
 )
 from utils.data import remove_stale_temporaries, write_json
-from utils.models import default_device, get_stop_ids, load_causal_lm, load_tokenizer
+from utils.distributed import current_process, process_device, rank_share
+from utils.models import get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import collect_batch, make_processor
 from utils.seeding import batch_seed, set_seed
@@ -85,40 +94,46 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
+    process = current_process()
     saved = None
     if not args.is_first_round:
         if args.classifier_ckpt_path is None:
             raise ValueError("--is_first_round 0 needs --classifier_ckpt_path")
         saved = load_run_args(args.classifier_ckpt_path)
     sources = inherit(args, INHERITED, saved, RENAMED)
-    print(f"collect: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'classifier_type'])}")
+    if process.is_main:
+        print(f"collect: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'classifier_type'])}")
     if args.eta < 0:
         raise ValueError(f"--eta must be non-negative, got {args.eta}")
 
     records, dataset_type = load_problems(args.data_path, args.dataset_type)
     indices = resolve_range(args.start_index, args.end_index, len(records))
+    mine = rank_share(indices, args.batch_size, process)  # all of them for a single process
     ensure_split_map(args.train_eval_save_path, [r["problem"] for r in records], args.eval_ratio, seed=47)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(output_dir)
     check_run_settings(output_dir, run_settings(args, dataset_type))
-    if args.force:
+    if args.force:  # this rank's files only: another rank may already be writing its own
         for repeat in range(args.num_samples):
-            for index in indices:
+            for index in mine:
                 (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(args.ref_model_id)
-    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
-    ref_model = load_causal_lm(args.ref_model_id, args.dtype, default_device())
-    stop_ids = get_stop_ids(ref_model, tokenizer)
-
-    chunks = [list(indices[i : i + args.batch_size]) for i in range(0, len(indices), args.batch_size)]
+    chunks = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
             if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
     done = len(chunks) * args.num_samples - len(work)
-    print(f"collect: problems {indices.start}..{indices.stop - 1}, {args.num_samples} repeats, "
+    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
+    print(f"{process.label()}collect: {span}, {args.num_samples} repeats, "
           f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
-    for repeat, chunk in tqdm(work, desc="collect", unit="batch"):
+    if not work:
+        return
+    device = process_device(process)  # before the classifier: a rank's "cuda" is its own GPU
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
+    ref_model = load_causal_lm(args.ref_model_id, args.dtype, device)
+    stop_ids = get_stop_ids(ref_model, tokenizer)
+    for repeat, chunk in tqdm(work, desc="collect", unit="batch", disable=not process.is_main):
         set_seed(batch_seed(args.seed, repeat, chunk[0]))
         batch_records = [records[i] for i in chunk]
         with torch.no_grad():

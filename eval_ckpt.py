@@ -12,6 +12,21 @@ ones are skipped, so a re-run resumes; ``--start_index/--end_index`` shard the p
 ``inference_eval_results_<tag>.jsonl`` (per problem, every eval problem whose samples are all done)
 and ``reward_stats_<tag>.json`` (pass@1 = ``single_sample_accuracy_mean``, maj@k, pass@k,
 mean KL(guided || reference) per trajectory).
+
+Several etas, one after the other, each with its own outputs; the models are loaded once
+(``--eta 0`` in a sweep runs without the classifier)::
+
+    python eval_ckpt.py --classifier_ckpt_path checkpoints/llama_3_8b_instruct_gsm8k/ckpt_15000/ --eta 0 1 5 10 \
+        --data_path dataset/gsm8k_test.jsonl --train_eval_save_path dataset/gsm8k_test_eval.json
+
+One process per GPU (``--multi_gpu`` also on a machine without GPUs, one process per
+``--num_processes`` on the CPU)::
+
+    accelerate launch --multi_gpu --num_processes 4 eval_ckpt.py <same flags>
+
+Each process samples whole ``--batch_size`` chunks of the eval problems (in blocks) on
+``cuda:LOCAL_RANK``, with the samples of a single process; once all are done, the main
+process writes the results and reward stats.
 """
 
 from __future__ import annotations
@@ -37,9 +52,11 @@ from utils.cli import (
     load_run_args,
     problem_file_name,
     run,
+    sweep_values,
 )
 from utils.data import read_json, remove_stale_temporaries, write_json, write_jsonl
-from utils.models import default_device, format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
+from utils.distributed import Process, barrier, current_process, process_device, rank_share, shutdown
+from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import make_processor, sample_batch
 from utils.seeding import batch_seed, set_seed
@@ -70,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=str, default=None, help="where results go (default: the checkpoint folder)")
     p.add_argument("--force", type=int01, default=0, help="1: redo existing samples of these settings")
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
-    add_inherited_flags(p, INHERITED)
+    add_inherited_flags(p, INHERITED, several=("eta",))
     return p.parse_args(argv)
 
 
@@ -84,7 +101,7 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}
 
 
-def eval_problem_ids(args, records, tokenizer) -> list[int]:
+def eval_problem_ids(args, records, tokenizer, verbose: bool = True) -> list[int]:
     """Line indices of the split map's eval problems, minus prompts over --max_prompt_length tokens."""
     split_map = load_split_map(args.train_eval_save_path)
     ids = [i for i, r in enumerate(records) if split_map.get(r["problem"], {}).get("split") == "eval"]
@@ -94,7 +111,8 @@ def eval_problem_ids(args, records, tokenizer) -> list[int]:
         texts = format_prompts(tokenizer, [records[i]["prompt"] for i in ids], bool(args.use_chat_template))
         lengths = [len(tokenizer(t, add_special_tokens=not args.use_chat_template).input_ids) for t in texts]
         kept = [i for i, n in zip(ids, lengths) if n <= args.max_prompt_length]
-        print(f"eval: {len(ids) - len(kept)} problem(s) skipped for prompts over {args.max_prompt_length} tokens")
+        if verbose:
+            print(f"eval: {len(ids) - len(kept)} problem(s) skipped for prompts over {args.max_prompt_length} tokens")
         if not kept:
             raise ValueError(f"every eval prompt is longer than --max_prompt_length {args.max_prompt_length} tokens")
         ids = kept
@@ -144,65 +162,108 @@ def aggregate(args, records, dataset_type, ids, sample_dir: Path, tag: str, outp
     return stats
 
 
-def main(args: argparse.Namespace) -> None:
-    saved = load_run_args(args.classifier_ckpt_path)
-    sources = inherit(args, INHERITED, saved, RENAMED)
-    print(f"eval: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'cd_baseline'])}")
-    if args.eta < 0:
-        raise ValueError(f"--eta must be non-negative, got {args.eta}")
-    records, dataset_type = load_problems(args.data_path, args.dataset_type)
-    tokenizer = load_tokenizer(args.ref_model_id)
-    all_ids = eval_problem_ids(args, records, tokenizer)
-    shard = resolve_range(args.start_index, args.end_index, len(records))
-    ids = [i for i in all_ids if i in shard]
+class Models:
+    """The reference model and the guidance of an evaluation, each loaded once, when first
+    needed (a rank or sweep point with nothing to sample loads nothing; eta 0 needs no
+    classifier). Sweep points share them: the guided processor only changes its eta."""
 
-    tag = eval_tag(args.eta, args.top_k, args.temperature, bool(args.cd_baseline))
-    output_dir = Path(args.output_dir or args.classifier_ckpt_path)
+    def __init__(self, args: argparse.Namespace, tokenizer, device):
+        self.args, self.tokenizer, self.device = args, tokenizer, device
+        self.ref_model, self.stop_ids, self._guided = None, None, None
+
+    def processor(self, point: argparse.Namespace):
+        """The guidance of one sweep point (``point`` = the flags with its eta)."""
+        kl_temperature = self.args.temperature if self.args.temperature > 0 else 1.0
+        if point.eta == 0 or point.inference_mode == "disabled":  # a no-op: no classifier
+            return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, kl_temperature=kl_temperature)
+        if self._guided is None:
+            self._guided = make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path,
+                                          cd_baseline=bool(point.cd_baseline), kl_temperature=kl_temperature)
+        self._guided.eta = float(point.eta)
+        return self._guided
+
+    def reference(self):
+        """The reference model and its stop ids."""
+        if self.ref_model is None:
+            self.ref_model = load_causal_lm(self.args.ref_model_id, self.args.dtype, self.device)
+            self.stop_ids = get_stop_ids(self.ref_model, self.tokenizer)
+        return self.ref_model, self.stop_ids
+
+
+def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output_dir: Path, process: Process) -> None:
+    """Sample this rank's share (``mine``) at one eta (``point``); then, once every rank is
+    done, the main process writes the per-problem results and reward stats."""
+    tag = eval_tag(point.eta, point.top_k, point.temperature, bool(point.cd_baseline))
     sample_dir = output_dir / f"individual_eval_inference_{tag}"
     sample_dir.mkdir(parents=True, exist_ok=True)
     for folder in (output_dir, sample_dir):
-        remove_stale_temporaries(folder)
-    check_run_settings(sample_dir, run_settings(args, dataset_type))
-    if args.force:
-        for problem_id in ids:
-            for repeat in range(args.num_samples):
+        remove_stale_temporaries(folder)  # of dead processes only: sibling ranks' are kept
+    check_run_settings(sample_dir, run_settings(point, dataset_type))
+    if point.force:  # this rank's samples only
+        for problem_id in mine:
+            for repeat in range(point.num_samples):
                 (sample_dir / problem_file_name(problem_id, repeat)).unlink(missing_ok=True)
 
-    chunks = [ids[i : i + args.batch_size] for i in range(0, len(ids), args.batch_size)]
-    work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
+    chunks = [mine[i : i + point.batch_size] for i in range(0, len(mine), point.batch_size)]
+    work = [(r, chunk) for r in range(point.num_samples) for chunk in chunks
             if not all((sample_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    print(f"eval: {len(ids)} problems x {args.num_samples} samples, {len(work)} of {len(chunks) * args.num_samples} "
-          f"batches to run -> {sample_dir}")
+    print(f"{process.label()}eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
+          f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
     if work:
-        kl_temperature = args.temperature if args.temperature > 0 else 1.0
-        processor = make_processor(args, tokenizer, checkpoint=args.classifier_ckpt_path,  # a bad checkpoint fails first
-                                   cd_baseline=bool(args.cd_baseline), kl_temperature=kl_temperature)
-        ref_model = load_causal_lm(args.ref_model_id, args.dtype, default_device())
-        stop_ids = get_stop_ids(ref_model, tokenizer)
-        for repeat, chunk in tqdm(work, desc="eval", unit="batch"):
-            set_seed(batch_seed(args.seed, repeat, chunk[0]))
+        processor = models.processor(point)  # before the reference: a bad checkpoint fails first
+        ref_model, stop_ids = models.reference()
+        for repeat, chunk in tqdm(work, desc=f"eval eta {point.eta}", unit="batch", disable=not process.is_main):
+            set_seed(batch_seed(point.seed, repeat, chunk[0]))
             batch_records = [records[i] for i in chunk]
             with torch.no_grad():
                 samples = sample_batch(
-                    ref_model, tokenizer, batch_records, processor, use_chat_template=bool(args.use_chat_template),
-                    temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+                    ref_model, models.tokenizer, batch_records, processor, use_chat_template=bool(point.use_chat_template),
+                    temperature=point.temperature, top_p=point.top_p, max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
                 )
             for problem_id, record, sample in zip(chunk, batch_records, samples):
                 path = sample_dir / problem_file_name(problem_id, repeat)
                 if not path.exists():
-                    correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, args.match_fn_type)
-                    write_json(path, {**record, **sample, "correctness": correct, "eta": args.eta, "top_k": args.top_k,
-                                      "temperature": args.temperature, "cd_baseline": args.cd_baseline}, indent=None)
-    complete = [i for i in all_ids if all((sample_dir / problem_file_name(i, r)).exists() for r in range(args.num_samples))]
+                    correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, point.match_fn_type)
+                    write_json(path, {**record, **sample, "correctness": correct, "eta": point.eta, "top_k": point.top_k,
+                                      "temperature": point.temperature, "cd_baseline": point.cd_baseline}, indent=None)
+    barrier(process)  # every rank's samples are written
+    if not process.is_main:
+        return
+    complete = [i for i in all_ids if all((sample_dir / problem_file_name(i, r)).exists() for r in range(point.num_samples))]
     if len(complete) < len(all_ids):
         print(f"eval: results cover the {len(complete)} of {len(all_ids)} eval problems whose samples are all done "
               "(other shards still to run)")
     if not complete:
         return
-    stats = aggregate(args, records, dataset_type, complete, sample_dir, tag, output_dir)
-    print(f"eval [{tag}]: pass@1 {stats['single_sample_accuracy_mean']:.4f}, maj@{args.num_samples} "
-          f"{stats['majority_vote_accuracy_mean']:.4f}, pass@{args.num_samples} {stats['pass_k_accuracy_mean']:.4f}, "
+    stats = aggregate(point, records, dataset_type, complete, sample_dir, tag, output_dir)
+    print(f"eval [{tag}]: pass@1 {stats['single_sample_accuracy_mean']:.4f}, maj@{point.num_samples} "
+          f"{stats['majority_vote_accuracy_mean']:.4f}, pass@{point.num_samples} {stats['pass_k_accuracy_mean']:.4f}, "
           f"KL {stats['kl_mean']:.4f} -> {output_dir / f'reward_stats_{tag}.json'}")
+
+
+def main(args: argparse.Namespace) -> None:
+    process = current_process()
+    saved = load_run_args(args.classifier_ckpt_path)
+    sources = inherit(args, INHERITED, saved, RENAMED)
+    etas = sweep_values(args, "eta")
+    if process.is_main:
+        print(f"eval: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'cd_baseline'])}")
+    for eta in etas:
+        if eta < 0:
+            raise ValueError(f"--eta must be non-negative, got {eta}")
+    records, dataset_type = load_problems(args.data_path, args.dataset_type)
+    tokenizer = load_tokenizer(args.ref_model_id)
+    all_ids = eval_problem_ids(args, records, tokenizer, verbose=process.is_main)
+    shard = resolve_range(args.start_index, args.end_index, len(records))
+    mine = rank_share([i for i in all_ids if i in shard], args.batch_size, process)  # all of them for one process
+    output_dir = Path(args.output_dir or args.classifier_ckpt_path)
+    models = Models(args, tokenizer, process_device(process))
+    try:
+        for eta in etas:
+            evaluate(argparse.Namespace(**{**vars(args), "eta": eta}), models, records, dataset_type, all_ids, mine,
+                     output_dir, process)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,17 @@
 Several ``--data_paths`` (rounds) are merged by problem. Problems marked ``eval`` in the split
 map are the OOD eval set; ``--id_eval_ratio`` of the remaining examples are the ID eval set.
 Writes ``<output_dir>/args.json`` and ``<output_dir>/ckpt_<step>/`` (``ckpt_0`` before
-training, then every ``--ckpt_freq`` optimizer steps and at the end). Runs under
-``accelerate launch`` as well.
+training, then every ``--ckpt_freq`` optimizer steps and at the end).
+
+Data-parallel on several processes (``--batch_size`` per process; ``--world_size`` must be
+the number of processes). ``--multi_gpu`` makes ``accelerate launch`` start them also on a
+machine without GPUs (they then train on the CPU over gloo)::
+
+    accelerate launch --multi_gpu --num_processes 2 train_classifier.py --world_size 2 <same flags>
+
+The main process writes args.json and the checkpoints and prints and logs the metrics
+(training loss: the main process's batch; eval: every process evaluates the whole eval
+sets on the same weights, without communication, so the metrics equal one process's).
 """
 
 from __future__ import annotations
@@ -30,8 +39,9 @@ from transformers import get_constant_schedule_with_warmup
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import ARGS_FILE, ArgumentParser, int01, run
 from utils.data import remove_stale_temporaries, write_json
+from utils.distributed import accelerator_cpu, current_process
 from utils.metrics import eval_metrics
-from utils.models import check_vocab_compatible, config_vocab_size, load_tokenizer
+from utils.models import check_classifier_vocab, load_tokenizer
 from utils.seeding import set_seed
 from utils.splits import load_split_map
 from utils.training import (
@@ -111,7 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args, accelerator) -> None:
     if args.world_size != accelerator.num_processes:
-        raise ValueError(f"--world_size {args.world_size} but {accelerator.num_processes} process(es) were launched")
+        hint = ("; on a machine without GPUs accelerate launch starts several processes only with --multi_gpu"
+                if accelerator.num_processes == 1 and not torch.cuda.is_available() else "")
+        raise ValueError(f"--world_size {args.world_size} but {accelerator.num_processes} process(es) were launched{hint}")
     if (args.init_mode == "warmstart") != (args.classifier_ckpt_path is not None):
         raise ValueError("--init_mode warmstart and --classifier_ckpt_path go together")
     if args.classifier_ckpt_path is not None and args.resume_opt_scheduler is None:
@@ -128,8 +140,8 @@ def check_args(args, accelerator) -> None:
             raise ValueError(f"--{name} must be at least 1")
 
 
-def prepare_data(args, spec: ClassifierSpec):
-    """Training, ID-eval and OOD-eval examples."""
+def prepare_data(args, spec: ClassifierSpec, log=print):
+    """Training, ID-eval and OOD-eval examples (``log``: the printer of the summary line)."""
     split_map = load_split_map(args.train_eval_save_path)
     problems = merge_rounds(args.data_paths)
     missing = [p["problem"][:60] for p in problems if p["problem"] not in split_map]
@@ -150,11 +162,22 @@ def prepare_data(args, spec: ClassifierSpec):
     train_examples = [train_examples[i] for i in keep]
     rng = np.random.RandomState(args.seed)
     cap = lambda examples: [examples[i] for i in sorted(rng.permutation(len(examples))[: args.eval_max_size])]  # noqa: E731
-    print(f"train: {len(problems)} problems ({len(train)} train after drop_no_variation, {len(ood)} OOD eval); "
+    log(f"train: {len(problems)} problems ({len(train)} train after drop_no_variation, {len(ood)} OOD eval); "
           f"{len(train_examples)} train / {len(id_examples)} ID eval / {len(ood_examples)} OOD eval examples")
     if not train_examples:
         raise ValueError("no training examples (all problems dropped by --drop_no_variation or held out)")
     return train_examples, cap(id_examples), cap(ood_examples)
+
+
+def make_train_loader(args, examples, collate_fn) -> DataLoader:
+    """The shuffled training batches of one process before ``accelerator.prepare`` (which
+    deals them out to the processes: each takes every ``world_size``-th batch)."""
+    if args.max_batch_num_tokens > 0:
+        sampler = TokenBudgetBatchSampler([len(e.input_ids) for e in examples], args.max_batch_num_tokens, seed=args.seed)
+        return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
+    generator = torch.Generator().manual_seed(args.seed)
+    return DataLoader(examples, batch_size=args.batch_size, shuffle=True, generator=generator,
+                      collate_fn=collate_fn, num_workers=args.num_workers)
 
 
 def build_classifier(args, spec: ClassifierSpec) -> QSharpClassifier:
@@ -165,6 +188,7 @@ def build_classifier(args, spec: ClassifierSpec) -> QSharpClassifier:
 
 def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(
+        cpu=accelerator_cpu(current_process()),  # several processes without CUDA: gloo on the CPU
         gradient_accumulation_steps=args.gradient_accumulation_step, log_with="wandb" if args.track else None
     )
     check_args(args, accelerator)
@@ -174,11 +198,11 @@ def main(args: argparse.Namespace) -> None:
     accelerator.print(f"train: {spec.classifier_type}/{spec.loss_type} head, inference_mode={args.inference_mode}, "
                       f"eta={args.eta}, top_k={args.top_k}, temperature={args.temperature} (recorded in args.json: the defaults "
                       f"of collection/eval from this run, top_k excepted) -> {output_dir}")
-    train_examples, id_examples, ood_examples = prepare_data(args, spec)
+    train_examples, id_examples, ood_examples = prepare_data(args, spec, log=accelerator.print)
 
     tokenizer = load_tokenizer(args.ref_model_id)
     source = args.classifier_ckpt_path if args.init_mode == "warmstart" else args.classifier_model_id
-    check_vocab_compatible(tokenizer, config_vocab_size(source))  # before any weights are read
+    check_classifier_vocab(tokenizer, source)  # before any weights are read
     model = build_classifier(args, spec)
     if accelerator.is_main_process:
         remove_stale_temporaries(output_dir)  # half-written checkpoints of a killed run
@@ -186,14 +210,8 @@ def main(args: argparse.Namespace) -> None:
 
     pad = tokenizer.pad_token_id
     collate_fn = lambda examples: collate(examples, pad)  # noqa: E731
-    if args.max_batch_num_tokens > 0:
-        sampler = TokenBudgetBatchSampler([len(e.input_ids) for e in train_examples], args.max_batch_num_tokens, seed=args.seed)
-        train_loader = DataLoader(train_examples, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
-    else:
-        generator = torch.Generator().manual_seed(args.seed)
-        train_loader = DataLoader(train_examples, batch_size=args.batch_size, shuffle=True, generator=generator,
-                                  collate_fn=collate_fn, num_workers=args.num_workers)
-    eval_loaders = {
+    train_loader = make_train_loader(args, train_examples, collate_fn)
+    eval_loaders = {  # not prepared: every process evaluates the whole sets
         prefix: DataLoader(examples, batch_size=args.batch_size, collate_fn=collate_fn, num_workers=args.num_workers)
         for prefix, examples in (("ID ", id_examples), ("OOD ", ood_examples)) if examples
     }
@@ -265,6 +283,8 @@ def main(args: argparse.Namespace) -> None:
             if step % args.ckpt_freq == 0:
                 save(step)
                 last_saved = step
+            if step % args.eval_freq == 0 or step % args.ckpt_freq == 0:  # the rate counts training time only
+                window_start, window_steps = time.time(), 0
     progress.close()
     if step != last_saved:
         evaluate(step)

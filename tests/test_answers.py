@@ -284,6 +284,7 @@ STRICT = [
     ("18", "18.0", False),
     (r"\frac{1}{2}", "0.5", False),
     ("18", r"\$18", False),
+    ("", "", False),  # an empty gold box (two MATH train solutions) matches nothing
 ]
 
 
@@ -350,6 +351,29 @@ def test_math_reference_is_last_box_of_solution():
     assert reference_answer(MATH_SOLUTION, "math") == r"\frac{5}{2}"
     assert grade(respond("2.5"), MATH_SOLUTION, "math") is True
     assert grade(respond("3"), MATH_SOLUTION, "math") is False
+
+
+# MATH: the gold answer is the last box of the solution (rows from MATH500 and MATH train).
+# (solution, prediction, expected), graded with dataset_type "math" by both matchers.
+MATH_POLAR = r"Therefore, the polar coordinates are $\boxed{\left( 3, \frac{\pi}{2} \right)}.$"
+MATH_EMPTY = r"Therefore there are $\boxed{}$ primes in that range."
+MATH_TABLE = [
+    (MATH_POLAR, r"\left( 3, \frac{\pi}{2} \right)", True),
+    (MATH_POLAR, r"(3, \pi)", False),
+    (r"The center is $\boxed{(3, -1)}$.", "(3, -1)", True),
+    (r"We get $\boxed{[0,3)}$.", "[0,3)", True),
+    (r"We get $\boxed{[0,3)}$.", "[0,3]", False),
+    (MATH_EMPTY, "", False),
+    (MATH_EMPTY, "0", False),
+]
+
+
+@pytest.mark.parametrize("match_fn_type", ["symbolic", "strict"])
+@pytest.mark.parametrize("solution, prediction, expected", MATH_TABLE, ids=_ids(MATH_TABLE))
+def test_math_table(solution, prediction, expected, match_fn_type):
+    assert grade(respond(prediction), solution, "math", match_fn_type) is expected
+    assert pass_at_k([respond(prediction)] * 2, solution, "math", match_fn_type) is expected
+    assert majority_vote([respond(prediction)] * 2, solution, "math", match_fn_type) is expected
 
 
 def test_math_reference_accepts_fbox():

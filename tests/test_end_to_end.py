@@ -8,33 +8,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
 from utils.problems import COLLECTED_FIELDS
 from utils.splits import build_split_map, write_split_map
 from utils.tiny_models import write_tiny_models
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
-NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS = 12, 3, 24
+NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS, NUM_TEST = 12, 3, 24, 6
 COMMON = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--dtype", "float32"]
 
 pytestmark = pytest.mark.skipif(not (SHARED / "raw").is_dir(), reason="shared datasets not available")
-
-
-def stage(workdir: Path, script: str, *args: str) -> str:
-    """Run a stage script like a user would; return its stdout (fail with its stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +28,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     stage(root, "dataset/prepare_data.py", "--raw_dir", str(SHARED / "raw"), "--splits_dir", str(SHARED / "splits"),
           "--datasets", "gsm8k", "--out_dir", "dataset")
-    test = read_jsonl(root / "dataset" / "gsm8k_test.jsonl")[:6]
+    test = read_jsonl(root / "dataset" / "gsm8k_test.jsonl")[:NUM_TEST]
     (root / "dataset" / "gsm8k_test_small.jsonl").write_text("\n".join(json.dumps(r) for r in test))
     write_split_map(root / "dataset" / "gsm8k_test_small_eval.json", build_split_map([r["problem"] for r in test], None))
     write_tiny_models(root / "tiny", arch="llama")
@@ -92,47 +77,13 @@ def evaluate(workdir, checkpoint, eta, *extra):
     )
 
 
-def check_collected(folder: Path, records: list[dict]):
-    files = sorted(folder.glob("*_r*.json"))
-    assert len(files) == NUM_PROBLEMS * NUM_SAMPLES
-    for path in files:
-        data = json.loads(path.read_text())
-        problem_id = int(path.name.split("_")[0])
-        assert data["problem"] == records[problem_id]["problem"] and data["answer"] == records[problem_id]["answer"]
-        assert all(len(data[field]) == 1 for field in COLLECTED_FIELDS)
-        partial = data["partial_guided_prompts_tokenized"][0]
-        kept = data["num_response_tokens_in_partial_guided_prompts"][0]
-        rollout = data["partial_guided_responses_tokenized"][0]
-        assert all(isinstance(t, int) for t in partial + rollout)
-        assert 1 <= kept <= MAX_NEW_TOKENS and kept < len(partial)
-        assert kept + len(rollout) <= MAX_NEW_TOKENS
-        assert isinstance(data["partial_guided_predictions_correctness"][0], bool)
-        assert isinstance(data["fully_guided_predictions"][0], str)
-
-
-def check_eval(checkpoint: Path, tag: str, num_problems: int = 6, num_samples: int = 2) -> dict:
-    samples = list((checkpoint / f"individual_eval_inference_{tag}").glob("*_r*.json"))
-    assert len(samples) == num_problems * num_samples
-    results = read_jsonl(checkpoint / f"inference_eval_results_{tag}.jsonl")
-    assert len(results) == num_problems
-    for result in results:
-        assert len(result["predictions"]) == len(result["kl"]) == len(result["kl_per_token"]) == num_samples
-        assert all(kl >= -1e-6 for kl in result["kl"])
-    stats = json.loads((checkpoint / f"reward_stats_{tag}.json").read_text())
-    for key in ("single_sample_accuracy_mean", "majority_vote_accuracy_mean", "pass_k_accuracy_mean"):
-        assert 0.0 <= stats[key] <= 1.0
-    assert stats["pass_k_accuracy_mean"] >= stats["single_sample_accuracy_mean"]
-    assert stats["kl_mean"] >= 0.0
-    return stats
-
-
 def test_two_rounds_v_bce_and_q_mle(workdir):
     records = read_jsonl(workdir / "dataset" / "gsm8k_train.jsonl")
 
     # ---- round 1: collect with the reference policy, combine, train V/bce and Q/mle, evaluate
     out = collect(workdir, "collected_data/tiny_gsm8k/", *round1_collect_args())
     assert "eta=0.0" in out
-    check_collected(workdir / "collected_data" / "tiny_gsm8k", records)
+    check_collected(workdir / "collected_data" / "tiny_gsm8k", records, NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS)
     combined = combine(workdir, "collected_data/tiny_gsm8k")  # no trailing slash: same output place
     assert [r["problem"] for r in combined] == [r["problem"] for r in records[:NUM_PROBLEMS]]
     assert all(len(r[field]) == NUM_SAMPLES for r in combined for field in COLLECTED_FIELDS)
@@ -151,25 +102,25 @@ def test_two_rounds_v_bce_and_q_mle(workdir):
 
     out = evaluate(workdir, v_checkpoints[-1], 10)
     assert "eta=10.0" in out
-    guided = check_eval(v_checkpoints[-1], "eta_10.0_top_k_20_temp_0.8")
+    guided = check_eval(v_checkpoints[-1], "eta_10.0_top_k_20_temp_0.8", NUM_TEST, 2)
     assert guided["kl_mean"] > 0
     evaluate(workdir, v_checkpoints[-1], 0)  # the reference policy
-    assert check_eval(v_checkpoints[-1], "eta_0.0_top_k_20_temp_0.8")["kl_mean"] == 0.0
+    assert check_eval(v_checkpoints[-1], "eta_0.0_top_k_20_temp_0.8", NUM_TEST, 2)["kl_mean"] == 0.0
     evaluate(workdir, v_checkpoints[-1], 10, "--cd_baseline", "1")
-    check_eval(v_checkpoints[-1], "eta_10.0_top_k_20_temp_0.8_cd")
+    check_eval(v_checkpoints[-1], "eta_10.0_top_k_20_temp_0.8_cd", NUM_TEST, 2)
     evaluate(workdir, q_checkpoints[-1], 5, "--top_k", "8")
-    check_eval(q_checkpoints[-1], "eta_5.0_top_k_8_temp_0.8")
+    check_eval(q_checkpoints[-1], "eta_5.0_top_k_8_temp_0.8", NUM_TEST, 2)
 
     # ---- round 2: collect guided by the round-1 V classifier (settings from its args.json)
     out = collect(workdir, "collected_data/tiny_gsm8k_r2/", "--is_first_round", "0",
                   "--classifier_ckpt_path", str(v_checkpoints[-1]))
     assert "eta=1.0 (args.json)" in out
-    check_collected(workdir / "collected_data" / "tiny_gsm8k_r2", records)
+    check_collected(workdir / "collected_data" / "tiny_gsm8k_r2", records, NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS)
     combine(workdir, "collected_data/tiny_gsm8k_r2/")
     both = [*round1_data, "collected_data/tiny_gsm8k_r2/all_train_data.jsonl"]
     round2 = train(workdir, "checkpoints/tiny_v_r2/", both, "--classifier_type", "V", "--loss_type", "bce")
     evaluate(workdir, round2[-1], 10)
-    check_eval(round2[-1], "eta_10.0_top_k_20_temp_0.8")
+    check_eval(round2[-1], "eta_10.0_top_k_20_temp_0.8", NUM_TEST, 2)
 
     # ---- a re-run resumes: nothing left to do, the files stay as they are
     before = {p.name: p.read_bytes() for p in (workdir / "collected_data" / "tiny_gsm8k_r2").glob("*_r*.json")}

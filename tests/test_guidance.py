@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessor
+from transformers import AutoModelForCausalLM, LogitsProcessor, MistralConfig, PretrainedConfig, Qwen2Config
 
 from tests.conftest import ARCHS
 from tests.naive import closed_form_offsets, naive_candidate_logits
+from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, generate_responses, resolve_guidance_mode
-from utils.models import get_stop_ids, tokenize_prompts
+from utils.models import attention_window, get_stop_ids, tokenize_prompts
 
 PROMPTS = [
     "Problem: 2 + 3?",
@@ -159,6 +160,47 @@ def test_cached_values_equal_recomputation_every_step(tokenizer, tiny_dir, make_
         mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), step, dtype=torch.long)], dim=1)
         expected, _ = expected_guided(classifier, input_ids, mask, scores, "bernoulli", 3.0, 6)
         torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
+# A window of 6 cache slots, shorter than every prompt: on every layer (Mistral) or on one of two (Qwen2).
+SLIDING = {
+    "mistral-every-layer": lambda **kw: MistralConfig(sliding_window=6, **kw),
+    "qwen2-one-layer": lambda **kw: Qwen2Config(use_sliding_window=True, sliding_window=6, max_window_layers=1, **kw),
+}
+
+
+@pytest.mark.parametrize("classifier_type", ["Q", "V"])
+@pytest.mark.parametrize("backbone", sorted(SLIDING))
+def test_sliding_window_values_equal_recomputation(tokenizer, backbone, classifier_type):
+    """A sliding-window classifier: each step's guided logits equal the recomputation from scratch,
+    where transformers applies the window itself."""
+    config = SLIDING[backbone](vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    classifier = QSharpClassifier.from_causal_lm(lm, ClassifierSpec(classifier_type, "bce"), dtype="float32").eval()
+    with torch.no_grad():
+        classifier.score.weight.normal_(0.0, 1.0)
+    assert attention_window(classifier.config) == (6, backbone == "qwen2-one-layer")
+    batch = tokenize_prompts(tokenizer, PROMPTS, use_chat_template=True)
+    processor = QSharpLogitsProcessor(classifier, 3.0, 6, "bernoulli")
+    processor.reset(batch["attention_mask"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for step in range(8):
+        scores = torch.randn(3, classifier.vocab_size)
+        guided = processor(ids, scores.clone())
+        expected, _ = expected_guided(classifier, ids, mask, scores, "bernoulli", 3.0, 6)
+        torch.testing.assert_close(guided, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+        ids = torch.cat([ids, torch.randint(10, classifier.vocab_size, (3, 1))], dim=1)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+
+
+def test_attention_window_of_each_layer_kind():
+    assert attention_window(Qwen2Config()) == (None, False)  # sliding_window is set but unused
+    assert attention_window(MistralConfig(sliding_window=4096)) == (4096, False)
+    assert attention_window(MistralConfig(sliding_window=None)) == (None, False)
+    with pytest.raises(ValueError, match="linear_attention layers"):
+        attention_window(PretrainedConfig(layer_types=["full_attention", "linear_attention"]))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions

@@ -9,7 +9,7 @@ Pipeline for one model response::
 
 Two matchers are available (``MATCH_FNS``):
 
-- ``strict``: string equality after stripping surrounding whitespace.
+- ``strict``: string equality after stripping surrounding whitespace (empty matches nothing).
 - ``symbolic``: both sides go through :func:`normalize_answer`, then Math-Verify
   decides: ``verify(parse("$" + gold + "$"), parse("$" + pred + "$"))``, gold first
   (Math-Verify's comparison is not symmetric in every case, e.g. for sets/intervals).
@@ -219,7 +219,7 @@ def _parse(answer: str, parsing_timeout: int | None) -> tuple[Any, ...]:
 
 
 def _strict_equiv(gold: str, pred: str) -> bool:
-    return gold.strip() == pred.strip()
+    return gold.strip() != "" and gold.strip() == pred.strip()  # an empty answer matches nothing
 
 
 def _symbolic_equiv(gold: str, pred: str) -> bool:
@@ -254,11 +254,17 @@ def is_equiv(gold: str, pred: str, match_fn_type: str = "symbolic") -> bool:
 # ---------------------------------------------------------------------------
 
 
+def _prediction(response: str) -> str | None:
+    """The answer of a response: its last box, None when there is none or it is empty
+    (an empty box neither matches, not even an empty gold box, nor votes)."""
+    return extract_boxed(response) or None
+
+
 def grade(response: str, reference: str, dataset_type: str, match_fn_type: str = "symbolic") -> bool:
-    """Whether the last box of ``response`` matches the gold answer of ``reference``."""
+    """Whether the last box of ``response`` (non-empty) matches the gold answer of ``reference``."""
     match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
     gold = reference_answer(reference, dataset_type)
-    pred = extract_boxed(response)
+    pred = _prediction(response)
     return pred is not None and match_fn(gold, pred)
 
 
@@ -281,7 +287,7 @@ def majority_vote(
     gold = reference_answer(reference, dataset_type)
     classes: list[list[Any]] = []  # [representative, count]
     for response in responses:
-        pred = extract_boxed(response)
+        pred = _prediction(response)
         if pred is None:
             continue
         for cls in classes:

@@ -152,9 +152,12 @@ INHERITABLE_FLAGS = {
 }
 
 
-def add_inherited_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def add_inherited_flags(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any], several: tuple[str, ...] = ()
+) -> None:
     """Declare the flags of ``defaults`` (a subset of ``INHERITABLE_FLAGS``) with ``None`` as
-    parse default, so that ``inherit`` can tell a given flag from a missing one."""
+    parse default, so that ``inherit`` can tell a given flag from a missing one. Flags named
+    in ``several`` take one or more values (a list; see :func:`sweep_values`)."""
     from utils.answers import MATCH_FNS
     from utils.classifier import CLASSIFIER_TYPES, LOSS_TYPES
     from utils.guidance import INFERENCE_MODES
@@ -167,7 +170,19 @@ def add_inherited_flags(parser: argparse.ArgumentParser, defaults: dict[str, Any
     }
     for name, default in defaults.items():
         type_, text = INHERITABLE_FLAGS[name]
-        parser.add_argument(f"--{name}", type=type_, choices=choices.get(name), help=inherited_help(text, default))
+        extra = {"nargs": "+", "metavar": name.upper()} if name in several else {}
+        text = f"{text}; several values are evaluated one after the other" if name in several else text
+        parser.add_argument(f"--{name}", type=type_, choices=choices.get(name), help=inherited_help(text, default), **extra)
+
+
+def sweep_values(args: argparse.Namespace, name: str) -> list:
+    """The values of a flag declared with ``several`` (after ``inherit``, which may have put a
+    single value from args.json or the default there), duplicates dropped, order kept. A single
+    value is stored back as a plain value, so that logs read as before."""
+    value = getattr(args, name)
+    values = list(dict.fromkeys(value if isinstance(value, list) else [value]))
+    setattr(args, name, values[0] if len(values) == 1 else values)
+    return values
 
 
 SETTINGS_FILE = "run_settings.json"
@@ -190,10 +205,14 @@ def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> N
     """
     path = Path(folder) / SETTINGS_FILE
     current = {name: _comparable(value) for name, value in settings.items()}
+    # Results are looked for before the record is read: a concurrent run (another rank or
+    # shard) records its settings before it writes any result, so results seen here come
+    # with their settings already on disk. Ranks of one run bring identical settings, and an
+    # identical record written twice is harmless (atomic writes).
+    holds_results = any(p.name != SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
     if path.is_file():
         saved = read_json(path)
         differ = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
-        holds_results = any(p.name != SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
         if differ and holds_results:
             details = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} now" for name in differ)
             raise ValueError(f"{folder} holds files from other settings ({details}); "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor
 
-from utils.models import response_lengths
+from utils.models import attention_window, response_lengths
 from utils.classifier import ClassifierSpec, QSharpClassifier, expected_reward, position_ids_from_mask
 from utils.registry import choose
 
@@ -91,7 +91,9 @@ class QSharpLogitsProcessor(LogitsProcessor):
 
     Per step after the prompt, the classifier reads one token per row (Q) or the new
     token plus the ``k`` candidates (V) with a 4-D additive mask and position ids kept
-    incrementally (no mask rebuilt by ``transformers``, no Python loop over rows). With
+    incrementally (no mask rebuilt by ``transformers``, no Python loop over rows). A
+    backbone with sliding-window attention (Mistral, some Qwen2 and Gemma configs) gets
+    the window in those masks and a cache that keeps every token. With
     ``stop_ids`` known (constructor or :meth:`reset`), rows that have finished are dropped
     from the classifier's batch and keep their reference logits: their next tokens are
     padding anyway.
@@ -125,6 +127,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         if classifier is None and not self.is_noop:
             raise ValueError("a classifier is needed unless guidance is a no-op (eta 0 or inference_mode disabled)")
         self.classifier = classifier
+        self._window, self._mixed = (None, False) if self.is_noop else attention_window(classifier.config)
         self.kl_temperature = kl_temperature
         self.stop_ids = None if stop_ids is None else list(stop_ids)
         self._block_key = None  # (k, dtype, device) of the cached candidate mask block
@@ -211,7 +214,8 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._next_pos = position + 1
         if self.classifier.spec.classifier_type == "Q":
             hidden, self._cache = self.classifier.hidden_states(
-                new_ids, attention_mask=key_mask, position_ids=position, past_key_values=self._cache, use_cache=True
+                new_ids, attention_mask=self._backbone_mask(key_mask, 0), position_ids=position,
+                past_key_values=self._cache, use_cache=True,
             )
             logits = self.classifier.head_logits(hidden[:, -1], candidates)
         else:
@@ -233,7 +237,9 @@ class QSharpLogitsProcessor(LogitsProcessor):
             else:  # left padding: everything before the first non-pad token
                 mask = ((input_ids != self.pad_token_id).long().cumsum(-1) > 0).long()
         mask = mask.to(input_ids.device).long()
-        self._cache, self._prompt_mask = DynamicCache(config=self.classifier.config), None
+        # full-length layers whatever the attention type: the masks apply any window, and
+        # a sliding layer could not take the V candidates back out
+        self._cache, self._prompt_mask = DynamicCache(), None
         dtype, device = self.classifier.dtype, input_ids.device
         self._key_mask = torch.zeros(batch, 1, 1, n + 16, dtype=dtype, device=device)  # room to grow (doubles when full)
         self._key_mask[..., :n].masked_fill_(mask[:, None, None, :] == 0, torch.finfo(dtype).min)
@@ -261,10 +267,29 @@ class QSharpLogitsProcessor(LogitsProcessor):
         position_ids = torch.cat([positions, self._next_pos.expand(batch, k)], dim=1)
         return self._v_forward(torch.cat([input_ids, candidates], dim=1), additive[:, None], position_ids, k)
 
+    def _backbone_mask(self, mask: torch.Tensor, k: int):
+        """The additive ``mask`` [rows, 1, Q, KV] as the backbone takes it, with its sliding window.
+
+        Keys are the cached slots ``0 .. KV - k - 1`` then ``k`` candidates that all stand
+        at slot ``KV - k``; queries are the last ``Q`` of those. Without a window the mask is
+        returned as is; with one, keys ``window`` or more slots behind their query are
+        masked too, and a backbone whose other layers attend fully gets ``{layer type: mask}``.
+        """
+        if self._window is None:
+            return mask
+        cached = mask.shape[-1] - k
+        device = mask.device
+        kv_slots = torch.cat([torch.arange(cached, device=device), torch.full((k,), cached, device=device)])  # [KV]
+        q_slots = kv_slots[-mask.shape[-2] :]  # [Q]
+        far = kv_slots[None, :] <= q_slots[:, None] - self._window  # [Q, KV]
+        windowed = mask.masked_fill(far, torch.finfo(mask.dtype).min)
+        return {"full_attention": mask, "sliding_attention": windowed} if self._mixed else windowed
+
     def _v_forward(self, ids, mask, position_ids, k: int) -> torch.Tensor:
         """Read ``ids`` = [new tokens, k candidates], keep only the new tokens in the cache; [rows, k, A]."""
         hidden, cache = self.classifier.hidden_states(
-            ids, attention_mask=mask, position_ids=position_ids, past_key_values=self._cache, use_cache=True
+            ids, attention_mask=self._backbone_mask(mask, k), position_ids=position_ids, past_key_values=self._cache,
+            use_cache=True,
         )
         cache.crop(-k)  # drop the k candidates (negative = tokens to remove, in every release)
         self._cache = cache

@@ -1,12 +1,13 @@
 """Model and tokenizer loading, shared by every stage.
 
 Everything that depends on the model family lives here once: dtype names, pad-token
-set-up, stop ids, chat-template tokenisation and the reference/classifier vocabulary
-check.
+set-up, stop ids, chat-template tokenisation, the reference/classifier vocabulary
+check and the attention window of a backbone.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -145,6 +146,28 @@ def tokenize_texts(
     return batch
 
 
+def attention_window(config) -> tuple[int | None, bool]:
+    """``(window, mixed)``: the sliding attention window of a backbone (None = full attention
+    everywhere) and whether some of its layers attend fully, as ``transformers`` masks them.
+
+    A query at cache slot ``q`` sees slots ``> q - window``. Configs with ``layer_types``
+    (Qwen2/3, Gemma, ...) name each layer's attention; without them ``sliding_window``
+    applies to every layer (Mistral). Other kinds of attention layers are refused.
+    """
+    config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return window, False
+    other = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if other:
+        raise ValueError(f"the classifier backbone ({config.model_type}) has {', '.join(other)} layers; guided "
+                         "decoding supports full and sliding-window attention only")
+    if "sliding_attention" not in types:
+        return None, False
+    return window, "full_attention" in types
+
+
 def config_vocab_size(name_or_path: str) -> int:
     """Vocabulary of a model from its config alone, before any weights are read."""
     return AutoConfig.from_pretrained(name_or_path).vocab_size
@@ -180,3 +203,13 @@ def check_vocab_compatible(
             f"incompatible vocabularies: the reference tokenizer has {ref_size} tokens but the classifier's "
             f"embedding has only {classifier_vocab_size} rows; the classifier must share the reference model's tokenizer"
         )
+
+
+def check_classifier_vocab(ref_tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """:func:`check_vocab_compatible` for a classifier LM or checkpoint (hub id or folder) from its
+    config and tokenizer files, before any weights are read. A folder without a tokenizer
+    (checkpoints of the original code) is checked on its embedding size alone."""
+    vocab_size = config_vocab_size(source)
+    folder = Path(source)
+    has_tokenizer = not folder.is_dir() or (folder / "tokenizer_config.json").is_file()
+    check_vocab_compatible(ref_tokenizer, vocab_size, load_tokenizer(source) if has_tokenizer else None)

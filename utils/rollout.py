@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from utils.answers import grade
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, generate_responses
-from utils.models import check_vocab_compatible, config_vocab_size, default_device, format_prompts, load_tokenizer, tokenize_texts
+from utils.models import check_classifier_vocab, default_device, format_prompts, tokenize_texts
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -172,9 +170,7 @@ def make_processor(
         return QSharpLogitsProcessor(None, 0.0, args.top_k, **common)
     spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
     source = args.classifier_model_id if checkpoint is None else checkpoint
-    has_tokenizer = checkpoint is None or (Path(checkpoint) / "tokenizer_config.json").is_file()
-    # checked from the config, before any weights are read
-    check_vocab_compatible(tokenizer, config_vocab_size(source), load_tokenizer(source) if has_tokenizer else None)
+    check_classifier_vocab(tokenizer, source)  # before any weights are read
     if checkpoint is None:
         classifier = QSharpClassifier.from_causal_lm(source, spec, init_mode="zero", dtype=args.dtype)
     else:

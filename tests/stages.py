@@ -1,0 +1,65 @@
+"""Helpers of the end-to-end tests: run a stage script as a user would, and check the files
+that the stages hand to each other (collected per-repeat files, evaluation outputs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from utils.problems import COLLECTED_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def stage(workdir: Path, script: str, *args: str) -> str:
+    """Run a stage script like a user would; return its stdout (fail with its stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_collected(folder: Path, records: list[dict], num_problems: int, num_samples: int, max_new_tokens: int) -> None:
+    """One file per (problem, repeat) of problems ``0..num_problems-1``: the problem record
+    unchanged plus one entry of every collected list, with consistent token counts."""
+    files = sorted(folder.glob("*_r*.json"))
+    assert len(files) == num_problems * num_samples
+    for path in files:
+        data = json.loads(path.read_text())
+        problem_id = int(path.name.split("_")[0])
+        assert {key: data[key] for key in records[problem_id]} == records[problem_id]
+        assert all(len(data[field]) == 1 for field in COLLECTED_FIELDS)
+        partial = data["partial_guided_prompts_tokenized"][0]
+        kept = data["num_response_tokens_in_partial_guided_prompts"][0]
+        rollout = data["partial_guided_responses_tokenized"][0]
+        assert all(isinstance(t, int) for t in partial + rollout)
+        assert 1 <= kept <= max_new_tokens and kept < len(partial)
+        assert kept + len(rollout) <= max_new_tokens
+        assert isinstance(data["partial_guided_predictions_correctness"][0], bool)
+        assert isinstance(data["fully_guided_predictions"][0], str)
+
+
+def check_eval(checkpoint: Path, tag: str, num_problems: int, num_samples: int) -> dict:
+    """Sample files, per-problem results and reward stats of one evaluation; returns the stats."""
+    samples = list((checkpoint / f"individual_eval_inference_{tag}").glob("*_r*.json"))
+    assert len(samples) == num_problems * num_samples
+    results = read_jsonl(checkpoint / f"inference_eval_results_{tag}.jsonl")
+    assert len(results) == num_problems
+    for result in results:
+        assert len(result["predictions"]) == len(result["kl"]) == len(result["kl_per_token"]) == num_samples
+        assert all(kl >= -1e-6 for kl in result["kl"])
+    stats = json.loads((checkpoint / f"reward_stats_{tag}.json").read_text())
+    for key in ("single_sample_accuracy_mean", "majority_vote_accuracy_mean", "pass_k_accuracy_mean"):
+        assert 0.0 <= stats[key] <= 1.0
+    assert stats["pass_k_accuracy_mean"] >= stats["single_sample_accuracy_mean"]
+    assert stats["kl_mean"] >= 0.0
+    return stats

@@ -1,0 +1,133 @@
+"""Several processes per run (``accelerate launch`` / ``torchrun``).
+
+Collection and evaluation: each process (rank) takes its own share of the problems, whole
+``--batch_size`` chunks counted from the first problem (:func:`rank_share`), so a batch
+has the same problems and seed (``batch_seed(seed, repeat, chunk[0])``) as in a
+single-process run and writes the same per-problem files. Each rank runs on its own device
+(:func:`process_device`: ``cuda:LOCAL_RANK``, else the CPU). Ranks share nothing but the
+output folder, except that evaluation waits for every rank (:func:`barrier`) before the
+main process aggregates. Training uses ``accelerate.Accelerator``; on a machine without
+CUDA it must be told to use the CPU (:func:`accelerator_cpu`).
+
+Rank, world size and local rank come from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``
+variables that the launchers set; without them a run is one process of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# How long a rank waits at a barrier for the others: a resumed evaluation can leave one
+# rank with nothing to do while another still samples for hours.
+BARRIER_TIMEOUT = timedelta(hours=48)
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def label(self) -> str:
+        """``"[rank 1/2] "`` in a multi-process run, ``""`` otherwise (prefix of per-rank log lines)."""
+        return f"[rank {self.rank}/{self.world_size}] " if self.distributed else ""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def current_process() -> Process:
+    """Rank, world size and local rank from the launcher's environment (one of one without it)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"inconsistent launch environment: RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}")
+    return Process(rank, world_size, local_rank)
+
+
+def rank_share(items: Sequence[T], batch_size: int, process: Process) -> list[T]:
+    """This rank's contiguous share of ``items``: whole ``batch_size`` chunks counted from the
+    first item, the chunks dealt out in blocks whose sizes differ by at most one.
+
+    The shares of all ranks are disjoint and cover ``items`` in order; chunking a share by
+    ``batch_size`` gives exactly the chunks a single process forms. A rank may get nothing
+    (fewer chunks than ranks).
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    chunks = -(-len(items) // batch_size)
+    first = chunks * process.rank // process.world_size
+    last = chunks * (process.rank + 1) // process.world_size
+    return list(items[first * batch_size : last * batch_size])
+
+
+def process_device(process: Process) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is there (also made the current
+    CUDA device, so ``"cuda"`` means it), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if process.local_rank >= count:
+        raise ValueError(f"LOCAL_RANK {process.local_rank} but only {count} CUDA device(s) are visible: "
+                         "launch at most one process per GPU")
+    torch.cuda.set_device(process.local_rank)
+    return torch.device("cuda", process.local_rank)
+
+
+def accelerator_cpu(process: Process) -> bool:
+    """``Accelerator(cpu=...)`` for a training run: True for several processes on a machine
+    without CUDA. Without it ``accelerate`` ignores the launch (each process would train
+    alone, every one writing the checkpoints); with it the processes join over gloo."""
+    return process.distributed and not torch.cuda.is_available()
+
+
+def barrier(process: Process) -> None:
+    """Wait until every rank gets here (no-op for a single process).
+
+    Uses a gloo process group (made on first use, from the launcher's ``MASTER_ADDR`` /
+    ``MASTER_PORT``) with a long timeout, on CPU and GPU machines alike.
+    """
+    if not process.distributed:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={process.world_size} but {' and '.join(missing)} not set: "
+                             "start the processes with accelerate launch or torchrun")
+        dist.init_process_group("gloo", rank=process.rank, world_size=process.world_size, timeout=BARRIER_TIMEOUT)
+    dist.barrier()
+
+
+def shutdown() -> None:
+    """Release the process group of :func:`barrier`, if one was made."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
