@@ -73,12 +73,12 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_table_rows_columns_values_and_order(tree):
     df = report.collect_stats(["exp"])
     assert list(df.columns) == report.COLUMNS
-    # runs in natural order (ckpt_20 before ckpt_100), then method (cd < qsharp < reference), then eta
+    # runs in natural order (ckpt_20 before ckpt_100), then eta, then method (cd < qsharp)
     assert list(zip(df["run"], df["method"], df["eta"])) == [
         ("exp/ckpt_20", "qsharp", 10.0),
+        ("exp/ckpt_100", "reference", 0.0),
         ("exp/ckpt_100", "cd", 10.0),
         ("exp/ckpt_100", "qsharp", 10.0),
-        ("exp/ckpt_100", "reference", 0.0),
     ]
     first = df.iloc[0]
     assert (first["k"], first["problems"], first["top_k"], first["temperature"]) == (8, 12, 20, 0.8)
@@ -125,8 +125,8 @@ def test_main_prints_markdown_and_writes_csv_and_png(tree, capsys):
     assert set(lines[1]) <= set("|-:") and lines[1].count("|") == len(report.COLUMNS) + 1
     body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:6]]
     assert body[0][:3] == ["exp/ckpt_20", "qsharp", "10"]
-    assert body[3][1:3] == ["reference", "0"]
-    assert body[1][header.index("pass@1")] == "0.7500"
+    assert body[1][1:3] == ["reference", "0"]
+    assert body[2][header.index("pass@1")] == "0.7500"
 
     csv = tree / "report" / "results.csv"
     assert "results.csv" in out and "pass1_vs_kl.png" in out
@@ -211,3 +211,14 @@ def test_command_line(tree):
                            check=False, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
     assert usage.stderr.startswith("error: ")
+
+
+def test_point_labels_merge_coinciding_points_of_one_run():
+    """A saturated sweep (eta 10 and 30 at the same place) gets one label; other runs keep theirs."""
+    df = pd.DataFrame({"run": ["a", "a", "a", "b"], "eta": [3.0, 10.0, 30.0, 10.0],
+                       "kl": [0.43, 0.5157, 0.51571, 0.5157], "pass@1": [0.82, 0.8237, 0.8237, 0.8237]})
+    labels = report._point_labels(df)
+    assert [label for label, _, _ in labels] == ["eta=3 (a)", "eta=10, 30 (a)", "eta=10 (b)"]
+    assert [(x, y) for _, x, y in labels][1] == (0.5157, 0.8237)
+    one_run = report._point_labels(df[df["run"] == "a"])
+    assert [label for label, _, _ in one_run] == ["eta=3", "eta=10, 30"]

@@ -124,11 +124,12 @@ def _natural_key(text: str) -> tuple:
 
 
 def collect_stats(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """One row per ``reward_stats_*.json`` under ``paths`` (columns ``COLUMNS``), sorted by run, method, eta."""
+    """One row per ``reward_stats_*.json`` under ``paths`` (columns ``COLUMNS``), sorted by run, eta, method
+    (an eta sweep reads top to bottom, the reference at eta 0 first)."""
     rows = [read_stats(file) for file in find_stats_files(paths)]
     df = pd.DataFrame(rows, columns=COLUMNS)
     df = df.sort_values(
-        ["run", "method", "eta", "top_k", "temperature", "k"],
+        ["run", "eta", "method", "top_k", "temperature", "k"],
         key=lambda column: column.map(_natural_key) if column.name == "run" else column,
         kind="stable",
     )
@@ -159,17 +160,27 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([line(columns), rule, *(line(row) for row in cells)])
 
 
-def _point_labels(df: pd.DataFrame) -> list[str]:
-    """``eta=10``, plus the run's folder name when the table holds several runs."""
+def _point_labels(df: pd.DataFrame) -> list[tuple[str, float, float]]:
+    """One ``(label, kl, pass@1)`` per drawn position: ``eta=10``, plus the run's folder name
+    when the table holds several runs. Points of one run that coincide (to 3 decimals, e.g. a
+    saturated eta sweep) share one label: ``eta=10, 30``."""
     runs = df["run"].unique()
     short = {name: Path(name).name or name for name in runs}
     if len(set(short.values())) < len(runs):
         short = {name: name for name in runs}
-    return [f"eta={eta:g}" + (f" ({short[name]})" if len(runs) > 1 else "") for name, eta in zip(df["run"], df["eta"])]
+    positions: dict[tuple, tuple[float, float, list[float]]] = {}  # (run, kl, pass@1 rounded) -> (kl, pass@1, etas)
+    for run_name, eta, x, y in zip(df["run"], df["eta"], df["kl"], df["pass@1"]):
+        positions.setdefault((run_name, round(float(x), 3), round(float(y), 3)), (x, y, []))[2].append(eta)
+    suffix = lambda run_name: f" ({short[run_name]})" if len(runs) > 1 else ""  # noqa: E731
+    return [("eta=" + ", ".join(f"{eta:g}" for eta in etas) + suffix(key[0]), x, y) for key, (x, y, etas) in positions.items()]
 
 
 def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Scatter pass@1 against mean KL per trajectory, one marker per method, points labelled with eta; atomic PNG."""
+    """Scatter pass@1 against mean KL per trajectory, one marker per method, points labelled with eta; atomic PNG.
+
+    The guided points of one run, method, top-k and temperature (an eta sweep) are joined in
+    eta order, starting from the run's reference (eta 0) when it is there.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,12 +188,17 @@ def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     try:
-        labels = _point_labels(df)
         for method in [m for m in METHOD_STYLES if m in set(df["method"])]:
             rows = df["method"] == method
             marker, colour = METHOD_STYLES[method]
             ax.scatter(df.loc[rows, "kl"], df.loc[rows, "pass@1"], marker=marker, color=colour, s=50, label=method)
-        for label, x, y in zip(labels, df["kl"], df["pass@1"]):
+        guided = df[df["method"] != "reference"]
+        for (run_name, method, _, _), sweep in guided.groupby(["run", "method", "top_k", "temperature"], sort=False):
+            reference = df[(df["run"] == run_name) & (df["method"] == "reference")]
+            points = pd.concat([reference.iloc[:1], sweep.sort_values("eta")])
+            if len(points) > 1:
+                ax.plot(points["kl"], points["pass@1"], color=METHOD_STYLES[method][1], alpha=0.5, linewidth=1)
+        for label, x, y in _point_labels(df):
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_title("pass@1 vs KL(guided || reference)")
         ax.set_xlabel("mean KL per trajectory")
