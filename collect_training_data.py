@@ -129,8 +129,9 @@ def main(args: argparse.Namespace) -> None:
           f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
     if not work:
         return
-    device = process_device(process)  # before the classifier: a rank's "cuda" is its own GPU
-    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path)
+    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path,
+                               device=device)
     ref_model = load_causal_lm(args.ref_model_id, args.dtype, device)
     stop_ids = get_stop_ids(ref_model, tokenizer)
     for repeat, chunk in tqdm(work, desc="collect", unit="batch", disable=not process.is_main):

@@ -175,10 +175,12 @@ class Models:
         """The guidance of one sweep point (``point`` = the flags with its eta)."""
         kl_temperature = self.args.temperature if self.args.temperature > 0 else 1.0
         if point.eta == 0 or point.inference_mode == "disabled":  # a no-op: no classifier
-            return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, kl_temperature=kl_temperature)
+            return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, kl_temperature=kl_temperature,
+                                  device=self.device)
         if self._guided is None:
             self._guided = make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path,
-                                          cd_baseline=bool(point.cd_baseline), kl_temperature=kl_temperature)
+                                          cd_baseline=bool(point.cd_baseline), kl_temperature=kl_temperature,
+                                          device=self.device)
         self._guided.eta = float(point.eta)
         return self._guided
 

@@ -159,8 +159,10 @@ def make_processor(
     checkpoint: str | None,
     cd_baseline: bool = False,
     kl_temperature: float | None = None,
+    device: str | torch.device | None = None,
 ) -> QSharpLogitsProcessor:
-    """The guidance of collection/evaluation from the script flags.
+    """The guidance of collection/evaluation from the script flags, its classifier on ``device``
+    (default: the first GPU, else the CPU).
 
     ``checkpoint`` None builds a zero head on ``args.classifier_model_id`` (round 1).
     A no-op guidance (eta 0 or ``disabled``) loads no classifier at all.
@@ -175,5 +177,5 @@ def make_processor(
         classifier = QSharpClassifier.from_causal_lm(source, spec, init_mode="zero", dtype=args.dtype)
     else:
         classifier = QSharpClassifier.from_pretrained(checkpoint, spec=spec, dtype=args.dtype)
-    classifier.to(default_device()).eval().requires_grad_(False)
+    classifier.to(device or default_device()).eval().requires_grad_(False)
     return QSharpLogitsProcessor(classifier, args.eta, args.top_k, args.inference_mode, cd_baseline, **common)
