@@ -55,34 +55,43 @@ class GenerateMeter:
         return ids, lengths
 
 
+def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id: str, classifier_id: str) -> float:
+    """Seconds of one whole collection ``main`` into ``output_dir`` (its files counted)."""
+    argv = [
+        "--is_first_round", "1", "--start_index", "0", "--end_index", str(args.num_problems),
+        "--ref_model_id", ref_id, "--classifier_model_id", classifier_id,
+        "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
+        "--output_dir", str(output_dir), "--num_samples", str(args.num_samples),
+        "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
+        "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", "0",
+        "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", "float32",
+    ]
+    collect_args = collect_training_data.parse_args(argv)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
+        collect_training_data.main(collect_args)
+    seconds = time.perf_counter() - start
+    files = len(list(output_dir.glob("*_r*.json")))
+    if files != args.num_problems * args.num_samples:
+        raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
+    return seconds
+
+
 def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_synthetic_dataset(tmp / "data", args.num_problems, 0, seed=args.seed)
-        if args.ref_model_id is None:
+        ref_id, classifier_id = args.ref_model_id, args.classifier_model_id or args.ref_model_id
+        if ref_id is None:
             models = write_tiny_models(tmp / "models")
-            args.ref_model_id, args.classifier_model_id = str(models["ref"]), str(models["classifier"])
+            ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
         times, meter = [], GenerateMeter()
         rollout.generate_responses = meter
-        for repeat in range(args.repeats + 1):  # the first run warms up
-            argv = [
-                "--is_first_round", "1", "--start_index", "0", "--end_index", str(args.num_problems),
-                "--ref_model_id", args.ref_model_id, "--classifier_model_id", args.classifier_model_id or args.ref_model_id,
-                "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
-                "--output_dir", str(tmp / f"out_{repeat}"), "--num_samples", str(args.num_samples),
-                "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
-                "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", "0",
-                "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", "float32",
-            ]
-            collect_args = collect_training_data.parse_args(argv)
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
-                collect_training_data.main(collect_args)
-            times.append(time.perf_counter() - start)
-            files = len(list((tmp / f"out_{repeat}").glob("*_r*.json")))
-            if files != args.num_problems * args.num_samples:
-                raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
-    rollout.generate_responses = meter.inner
+        try:
+            for repeat in range(args.repeats + 1):  # the first run warms up
+                times.append(timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id))
+        finally:
+            rollout.generate_responses = meter.inner
     seconds = statistics.median(times[1:])
     result = {
         "problems_per_min": round(args.num_problems / seconds * 60, 1),
@@ -95,7 +104,7 @@ def main(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "eta": args.eta,
-        "models": "random tiny" if "tmp" in args.ref_model_id else args.ref_model_id,
+        "models": args.ref_model_id or "random tiny",
     }
     if args.json:
         print(json.dumps(result))

@@ -27,6 +27,20 @@ def add_size_flags(parser, ref=(64, 24), classifier=(64, 3), vocab_size=0) -> No
     parser.add_argument("--classifier_layers", type=int, default=classifier[1], help="classifier layers")
 
 
+def add_run_flags(parser, repeats: int, json_help: str) -> None:
+    """--repeats, --seed, --threads and --json of the timing benchmarks."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs of each configuration (median)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every sampling call")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` unless 0 (torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def build_pair(args, seed: int = 0):
     """Tokenizer, reference LM and classifier backbone LM (random weights, eval mode)."""
     tokenizer = build_tokenizer()

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import PROMPTS, add_size_flags, build_pair, elapsed  # noqa: E402
+from bench.common import PROMPTS, add_run_flags, add_size_flags, build_pair, elapsed, set_threads  # noqa: E402
 from tests.naive import two_pass_sample_batch  # noqa: E402
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor  # noqa: E402
@@ -39,8 +39,7 @@ from utils.seeding import batch_seed, set_seed  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tokenizer, ref, lm = build_pair(args)
     stop_ids = get_stop_ids(ref, tokenizer)
     spec = ClassifierSpec(args.classifier_type, "bce")
@@ -114,9 +113,6 @@ if __name__ == "__main__":
     parser.add_argument("--eta", type=float, default=1.0, help="guidance strength")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (KL is taken at it)")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the sampling")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--json", action="store_true", help="one JSON line")
+    add_run_flags(parser, repeats=3, json_help="one JSON line")
     add_size_flags(parser, ref=(512, 4), classifier=(256, 2), vocab_size=128256)
     main(parser.parse_args())

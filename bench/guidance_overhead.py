@@ -34,14 +34,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import add_size_flags, build_pair, elapsed, matmul_params, prompt_batch  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_run_flags, add_size_flags, build_pair, elapsed, matmul_params, prompt_batch, set_threads,
+)
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor, generate_responses  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads) if args.threads > 0 else None
+    set_threads(args.threads)
     tokenizer, ref, lm = build_pair(args)
     batch = prompt_batch(tokenizer, args.batch_size)
     stop_ids = get_stop_ids(ref, tokenizer)
@@ -118,10 +120,7 @@ if __name__ == "__main__":
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (the README's runs use 0.8)")
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (the README's runs use 0.9)")
     parser.add_argument("--eta", type=float, default=10.0, help="guidance strength")
-    parser.add_argument("--repeats", type=int, default=9, help="timed calls per configuration (median)")
     parser.add_argument("--heads", nargs="+", default=["Q", "V"], choices=["Q", "V"], help="classifier heads to time")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every sampling call")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--json", action="store_true", help="one JSON line per head")
+    add_run_flags(parser, repeats=9, json_help="one JSON line per head")
     add_size_flags(parser)
     main(parser.parse_args())

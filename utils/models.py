@@ -173,11 +173,6 @@ def config_vocab_size(name_or_path: str) -> int:
     return AutoConfig.from_pretrained(name_or_path).vocab_size
 
 
-def model_vocab_size(model: torch.nn.Module) -> int:
-    """Rows of the input embedding: the ids a model can read."""
-    return model.get_input_embeddings().num_embeddings
-
-
 def check_vocab_compatible(
     ref_tokenizer: PreTrainedTokenizerBase,
     classifier_vocab_size: int,

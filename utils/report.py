@@ -171,8 +171,8 @@ def _point_labels(df: pd.DataFrame) -> list[tuple[str, float, float]]:
     positions: dict[tuple, tuple[float, float, list[float]]] = {}  # (run, kl, pass@1 rounded) -> (kl, pass@1, etas)
     for run_name, eta, x, y in zip(df["run"], df["eta"], df["kl"], df["pass@1"]):
         positions.setdefault((run_name, round(float(x), 3), round(float(y), 3)), (x, y, []))[2].append(eta)
-    suffix = lambda run_name: f" ({short[run_name]})" if len(runs) > 1 else ""  # noqa: E731
-    return [("eta=" + ", ".join(f"{eta:g}" for eta in etas) + suffix(key[0]), x, y) for key, (x, y, etas) in positions.items()]
+    return [("eta=" + ", ".join(f"{eta:g}" for eta in etas) + (f" ({short[run_name]})" if len(runs) > 1 else ""), x, y)
+            for (run_name, _, _), (x, y, etas) in positions.items()]
 
 
 def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
