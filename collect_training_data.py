@@ -44,6 +44,7 @@ from utils.cli import (
 )
 from utils.data import remove_stale_temporaries, write_json
 from utils.distributed import current_process, process_device, rank_share
+from utils.guidance import is_noop_guidance, resolve_guidance_mode
 from utils.models import get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import collect_batch, make_processor
@@ -87,7 +88,8 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     folder must share it (batch size, dtype, index range and repeat count may differ)."""
     names = ["data_path", "ref_model_id", "use_chat_template", "eta", "temperature", "top_p", "max_new_tokens",
              "match_fn_type", "seed"]
-    if args.eta != 0 and args.inference_mode != "disabled":  # the classifier shapes the roll-in
+    mode = resolve_guidance_mode(args.inference_mode, args.loss_type)
+    if not is_noop_guidance(mode, args.eta):  # the classifier shapes the roll-in (expectation: also at eta 0)
         names += ["classifier_model_id" if args.is_first_round else "classifier_ckpt_path", "classifier_type",
                   "inference_mode", "loss_type", "num_atoms", "V_min", "V_max", "use_bias", "top_k"]
     return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}

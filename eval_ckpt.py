@@ -10,8 +10,10 @@ checkpoint (or into ``--output_dir``), with ``<tag> = eta_<eta>_top_k_<k>_temp_<
 ``individual_eval_inference_<tag>/<eval_id>_r<repeat>.json`` (one sample each; existing
 ones are skipped, so a re-run resumes; ``--start_index/--end_index`` shard the problems),
 ``inference_eval_results_<tag>.jsonl`` (per problem, every eval problem whose samples are all done)
-and ``reward_stats_<tag>.json`` (pass@1 = ``single_sample_accuracy_mean``, maj@k, pass@k,
-mean KL(guided || reference) per trajectory).
+and ``reward_stats_<tag>.json`` (pass@1 = ``single_sample_accuracy_mean``, maj@k, pass@k, and
+``kl_mean``: the original's KL per trajectory, KL(top_p(guided / T) || reference / T) summed over
+the response, which is about -log(nucleus mass) per token even for the reference at eta 0;
+``kl_before_top_p_mean`` is the same at top_p 1).
 
 Several etas, one after the other, each with its own outputs; the models are loaded once
 (``--eta 0`` in a sweep runs without the classifier)::
@@ -69,6 +71,9 @@ INHERITED = {
     "eta": 1.0,
 }
 RENAMED = {"data_path": "original_problems_path"}
+# Recorded with each run's settings: sample folders from before the original's KL and field
+# names were adopted are refused rather than mixed in.
+KL_DEFINITION = "KL(top_p(guided / T) || reference / T), fields token_kl/traj_kl"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,7 +103,7 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     names = ["classifier_ckpt_path", "data_path", "ref_model_id", "use_chat_template", "top_p", "max_new_tokens",
              "max_prompt_length", "match_fn_type", "seed", "inference_mode", "classifier_type", "loss_type",
              "num_atoms", "V_min", "V_max"]
-    return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}
+    return {"dataset_type": dataset_type, "kl_definition": KL_DEFINITION, **{name: getattr(args, name) for name in names}}
 
 
 def eval_problem_ids(args, records, tokenizer, verbose: bool = True) -> list[int]:
@@ -121,35 +126,36 @@ def eval_problem_ids(args, records, tokenizer, verbose: bool = True) -> list[int
 
 def aggregate(args, records, dataset_type, ids, sample_dir: Path, tag: str, output_dir: Path) -> dict:
     """Per-problem results and the reward stats from the individual sample files."""
-    results, kls, kls_per_token = [], [], []
+    results, kls, kls_per_token, kls_before_top_p = [], [], [], []
     for problem_id in ids:
         samples = [read_json(sample_dir / problem_file_name(problem_id, r)) for r in range(args.num_samples)]
         record = records[problem_id]
         reference = reference_of(record, dataset_type)
         predictions = [s["prediction"] for s in samples]
-        result = {
+        result = {  # the original's field names (predictions_correctness, majority_vote_correct, pass_at_k)
             **record,
             "eval_id": problem_id,
             "predictions": predictions,
-            "correctness": [s["correctness"] for s in samples],
-            "majority_vote_correctness": majority_vote(
+            "predictions_correctness": [s["correctness"] for s in samples],
+            "majority_vote_correct": majority_vote(
                 predictions, reference, dataset_type, args.match_fn_type, rng=random.Random(args.seed + problem_id)
             ),
-            "pass_k_correctness": pass_at_k(predictions, reference, dataset_type, args.match_fn_type),
+            "pass_at_k": pass_at_k(predictions, reference, dataset_type, args.match_fn_type),
             "num_response_tokens": [s["num_response_tokens"] for s in samples],
-            "kl": [s["kl"] for s in samples],
-            "kl_per_token": [s["kl_per_token"] for s in samples],
+            "traj_kl": [s["traj_kl"] for s in samples],
         }
         results.append(result)
-        kls.extend(result["kl"])
-        kls_per_token.extend(result["kl_per_token"])
+        kls.extend(result["traj_kl"])
+        kls_per_token.extend(s["traj_kl"] / max(s["num_response_tokens"], 1) for s in samples)
+        kls_before_top_p.extend(s["traj_kl_before_top_p"] for s in samples)
     write_jsonl(output_dir / f"inference_eval_results_{tag}.jsonl", results)
     stats = {
-        "single_sample_accuracy_mean": float(np.mean([np.mean(r["correctness"]) for r in results])),
-        "majority_vote_accuracy_mean": float(np.mean([r["majority_vote_correctness"] for r in results])),
-        "pass_k_accuracy_mean": float(np.mean([r["pass_k_correctness"] for r in results])),
-        "kl_mean": float(np.mean(kls)),
+        "single_sample_accuracy_mean": float(np.mean([np.mean(r["predictions_correctness"]) for r in results])),
+        "majority_vote_accuracy_mean": float(np.mean([r["majority_vote_correct"] for r in results])),
+        "pass_k_accuracy_mean": float(np.mean([r["pass_at_k"] for r in results])),
+        "kl_mean": float(np.mean(kls)),  # the original's: mean traj_kl (top-p guided vs reference, see README)
         "kl_per_token_mean": float(np.mean(kls_per_token)),
+        "kl_before_top_p_mean": float(np.mean(kls_before_top_p)),
         "num_problems": len(results),
         "num_samples": args.num_samples,
         "eta": args.eta,
@@ -173,14 +179,14 @@ class Models:
 
     def processor(self, point: argparse.Namespace):
         """The guidance of one sweep point (``point`` = the flags with its eta)."""
-        kl_temperature = self.args.temperature if self.args.temperature > 0 else 1.0
-        if point.eta == 0 or point.inference_mode == "disabled":  # a no-op: no classifier
-            return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, kl_temperature=kl_temperature,
-                                  device=self.device)
+        sampled = self.args.temperature > 0  # greedy decoding: KL at T 1, no top-p
+        kl = {"kl_temperature": self.args.temperature if sampled else 1.0, "kl_top_p": self.args.top_p if sampled else 1.0}
+        if point.eta == 0 or point.inference_mode == "disabled":  # a no-op (as the original: eta 0 = disabled)
+            return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, disabled=True,
+                                  device=self.device, **kl)
         if self._guided is None:
             self._guided = make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path,
-                                          cd_baseline=bool(point.cd_baseline), kl_temperature=kl_temperature,
-                                          device=self.device)
+                                          cd_baseline=bool(point.cd_baseline), device=self.device, **kl)
         self._guided.eta = float(point.eta)
         return self._guided
 

@@ -10,7 +10,16 @@
 Several ``--data_paths`` (rounds) are merged by problem. Problems marked ``eval`` in the split
 map are the OOD eval set; ``--id_eval_ratio`` of the remaining examples are the ID eval set.
 Writes ``<output_dir>/args.json`` and ``<output_dir>/ckpt_<step>/`` (``ckpt_0`` before
-training, then every ``--ckpt_freq`` optimizer steps and at the end).
+training, then every ``--ckpt_freq`` steps, and after the last batch if that was none).
+
+``<step>`` is the original's ``global_step``: batches summed over the processes (after a
+process's b-th batch, counted across epochs, it is b x ``--world_size``), so ``ckpt_N`` has
+seen the same data whatever the number of processes. ``--ckpt_freq`` and ``--eval_freq``
+count it, tested after every batch (plus the original's evaluation at step 1, after a
+single process's first batch, and one of the starting weights at step 0); wandb logs at
+it. The optimizer steps after every ``--gradient_accumulation_step``-th batch of a process
+(loss divided by it; a batch left over at the end of an epoch is accumulated into the next
+epoch's first step); ``Training Loss`` is the mean over the step's batches.
 
 Data-parallel on several processes (``--batch_size`` per process; ``--world_size`` must be
 the number of processes). ``--multi_gpu`` makes ``accelerate launch`` start them also on a
@@ -19,13 +28,14 @@ machine without GPUs (they then train on the CPU over gloo)::
     accelerate launch --multi_gpu --num_processes 2 train_classifier.py --world_size 2 <same flags>
 
 The main process writes args.json and the checkpoints and prints and logs the metrics
-(training loss: the main process's batch; eval: every process evaluates the whole eval
+(training loss: the main process's batches; eval: every process evaluates the whole eval
 sets on the same weights, without communication, so the metrics equal one process's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -39,7 +49,7 @@ from transformers import get_constant_schedule_with_warmup
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import ARGS_FILE, ArgumentParser, int01, run
 from utils.data import remove_stale_temporaries, write_json
-from utils.distributed import accelerator_cpu, current_process
+from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
 from utils.metrics import eval_metrics
 from utils.models import check_classifier_vocab, load_tokenizer
 from utils.seeding import set_seed
@@ -54,8 +64,87 @@ from utils.training import (
     split_examples,
 )
 
-OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
+# the original's names (its utils.py save_model); what --resume_opt_scheduler 1 reads
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "lr_scheduler.pt"
+OLD_SCHEDULER_FILE = "scheduler.pt"  # what this project wrote before
+# what the original's resume reads (no original code writes it): {"optimizer": ..., "scheduler": ...}
+COMBINED_STATE_FILE = "optimizer_scheduler_state.pt"
 V_HEAD_GRAD_CLIP = 5.0
+
+
+# The step counters, as the training loop uses them (``b``: this process's batches so far,
+# counted across epochs, never reset).
+def global_step_after(batches: int, world_size: int) -> int:
+    """The original's ``global_step`` after a process's ``batches``-th batch: batches summed
+    over the processes (``world_size`` per batch). It names ``ckpt_<step>``, is the wandb
+    step, and is what ``--ckpt_freq`` / ``--eval_freq`` count; so ``ckpt_N`` has seen the
+    same data whatever the number of processes."""
+    return batches * world_size
+
+
+def optimizer_step_due(batches: int, accumulation: int) -> bool:
+    """The optimizer steps after every ``accumulation``-th batch of a process (counted across
+    epochs: a batch left over at the end of an epoch is accumulated with the next epoch's
+    first ones). The original steps one batch earlier ((b + 1) % accumulation == 0: its first
+    step comes after ONE batch); here every step sums exactly ``accumulation`` batches."""
+    return batches % accumulation == 0
+
+
+def checkpoint_due(global_step: int, ckpt_freq: int) -> bool:
+    """Tested after every batch, whether or not the optimizer stepped (as the original)."""
+    return global_step % ckpt_freq == 0
+
+
+def eval_due(global_step: int, eval_freq: int) -> bool:
+    """Tested after every batch; ``global_step == 1`` is the original's first evaluation,
+    after the first batch of a single process (never true on several)."""
+    return global_step % eval_freq == 0 or global_step == 1
+
+
+def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batches: int) -> list[dict]:
+    """Batch-by-batch counters of a process over ``num_batches`` batches (the layout of the
+    golden ``ckpt_steps.json`` timeline): ``batch``, ``global_step``, ``optimizer_step``
+    (did the optimizer step after it), ``optimizer_steps_done``, ``checkpoint`` (name or None)."""
+    timeline, done = [], 0
+    for batch in range(1, num_batches + 1):
+        global_step = global_step_after(batch, world_size)
+        stepped = optimizer_step_due(batch, accumulation)
+        done += stepped
+        timeline.append({"batch": batch, "global_step": global_step, "optimizer_step": stepped,
+                         "optimizer_steps_done": done,
+                         "checkpoint": f"ckpt_{global_step}" if checkpoint_due(global_step, ckpt_freq) else None})
+    return timeline
+
+
+def optimizer_scheduler_files(checkpoint: Path) -> list[Path]:
+    """What ``--resume_opt_scheduler 1`` reads from ``checkpoint``: ``[optimizer.pt,
+    lr_scheduler.pt]`` (what ``--save_opt_scheduler 1`` writes, here and in the original;
+    ``scheduler.pt`` of this project's older checkpoints is taken too), else
+    ``[optimizer_scheduler_state.pt]`` (``{"optimizer": ..., "scheduler": ...}``, the file
+    the original's resume reads and nothing writes). Checked before any weights are read."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--classifier_ckpt_path {checkpoint} does not exist")
+    schedulers = [checkpoint / name for name in (SCHEDULER_FILE, OLD_SCHEDULER_FILE) if (checkpoint / name).is_file()]
+    if (checkpoint / OPTIMIZER_FILE).is_file() and schedulers:
+        return [checkpoint / OPTIMIZER_FILE, schedulers[0]]
+    if (checkpoint / COMBINED_STATE_FILE).is_file():
+        return [checkpoint / COMBINED_STATE_FILE]
+    have = [name for name in (OPTIMIZER_FILE, SCHEDULER_FILE) if (checkpoint / name).is_file()]
+    raise FileNotFoundError(
+        f"--resume_opt_scheduler 1 but {checkpoint} holds neither {OPTIMIZER_FILE} + {SCHEDULER_FILE} nor "
+        f"{COMBINED_STATE_FILE}{f' (only {have[0]})' if have else ''}: write its checkpoints with --save_opt_scheduler 1, "
+        "or give --resume_opt_scheduler 0")
+
+
+def load_optimizer_scheduler(files: list[Path], optimizer, scheduler) -> None:
+    """Load the state of :func:`optimizer_scheduler_files` into ``optimizer`` and ``scheduler``."""
+    states = [torch.load(path, map_location="cpu", weights_only=False) for path in files]
+    if len(states) == 1:
+        if not isinstance(states[0], dict) or not {"optimizer", "scheduler"} <= set(states[0]):
+            raise ValueError(f"{files[0]} is not a dict with keys 'optimizer' and 'scheduler'")
+        states = [states[0]["optimizer"], states[0]["scheduler"]]
+    optimizer.load_state_dict(states[0])
+    scheduler.load_state_dict(states[1])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,24 +156,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier_model_id", type=str, default="meta-llama/Llama-3.2-1B-Instruct", help="classifier base LM")
     p.add_argument("--classifier_ckpt_path", type=str, default=None, help="start from this checkpoint (--init_mode warmstart)")
     p.add_argument("--resume_opt_scheduler", type=int01, default=None,
-                   help="with --classifier_ckpt_path (required there): 1 = also resume its optimizer and scheduler")
+                   help="with --classifier_ckpt_path (required there): 1 = also resume its optimizer and scheduler "
+                        f"({OPTIMIZER_FILE} + {SCHEDULER_FILE}, or {COMBINED_STATE_FILE}); checkpoints count from 0 again")
     p.add_argument("--original_problems_path", type=str, required=True, help="problems jsonl the data was collected on")
     p.add_argument("--train_eval_save_path", type=str, required=True, help="split map: eval problems form the OOD set")
     p.add_argument("--init_mode", type=str, required=True, choices=[*INIT_MODES, "warmstart"],
                    help="head init: zero, random, reuse (Q: the LM head), warmstart (--classifier_ckpt_path)")
     p.add_argument("--inference_mode", type=str, required=True, choices=["bernoulli", "expectation", "mle", "disabled"],
-                   help="guidance the classifier is for (expectation trains on exp(eta * R))")
+                   help="guidance the classifier is for (expectation trains on exp(eta * R), or on R with --cd_baseline 1)")
     p.add_argument("--loss_type", type=str, default="bce", choices=["bce", "mse", "mle"], help="classifier loss")
     p.add_argument("--use_bias", type=int01, default=0, help="head has a bias")
     p.add_argument("--dataset_type", type=str, required=True, choices=["gsm8k", "math"], help="grading of eval runs")
     p.add_argument("--data_paths", type=str, nargs="+", required=True, help="all_train_data.jsonl of one or more rounds")
     p.add_argument("--batch_size", type=int, default=32, help="sequences per batch (per process)")
     p.add_argument("--max_batch_num_tokens", type=int, default=-1,
-                   help="token budget per batch (rows x longest sequence) instead of --batch_size; -1 = off")
-    p.add_argument("--gradient_accumulation_step", type=int, default=1, help="batches per optimizer step")
-    p.add_argument("--shift_reward", type=float, default=0.0, help="R = scale_reward * correctness + shift_reward")
-    p.add_argument("--scale_reward", type=float, default=1.0, help="R = scale_reward * correctness + shift_reward")
-    p.add_argument("--cd_baseline", type=int01, default=0, help="recorded for evaluation (CD offset eta * E[R])")
+                   help="token budget per batch (rows x longest sequence), still at most --batch_size rows; -1 = off")
+    p.add_argument("--gradient_accumulation_step", type=int, default=1,
+                   help="batches (per process) per optimizer step; the loss is divided by it")
+    p.add_argument("--shift_reward", type=float, default=0.0,
+                   help="R = correctness - shift_reward (expectation: use 1, so exp(eta * R) lies in [0, 1])")
+    p.add_argument("--scale_reward", type=float, default=1.0,
+                   help="unused: kept so the original's commands run (the original parses it and never uses it)")
+    p.add_argument("--cd_baseline", type=int01, default=0,
+                   help="1: with expectation, train on R instead of exp(eta * R); recorded for evaluation (CD offset eta * E[R])")
     p.add_argument("--use_chat_template", type=int01, default=1, help="recorded for collection/eval")
     p.add_argument("--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16", "float16"], help="classifier dtype")
     p.add_argument("--temperature", type=float, default=0.8, help="recorded for collection/eval")
@@ -96,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=1.0,
                    help="expectation targets exp(eta * R); becomes the default eta of the next collection and eval")
     p.add_argument("--top_k", type=int, default=-1, help="recorded for reference (collection/eval use their own --top_k)")
-    p.add_argument("--match_fn_type", type=str, default="symbolic", choices=["symbolic", "strict"], help="recorded for eval")
+    p.add_argument("--match_fn_type", type=str, default="symbolic", choices=list(__import__("utils.answers", fromlist=["MATCH_FNS"]).MATCH_FNS), help="recorded for eval")
     p.add_argument("--output_dir", type=str, default="checkpoints/temp/", help="args.json and ckpt_<step>/ go here")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--num_epochs", type=int, default=3, help="passes over the training examples")
@@ -104,9 +198,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
     p.add_argument("--warmup_step", type=int, default=-1, help="linear warmup steps, then constant; -1 = none")
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--eval_freq", type=int, default=500, help="evaluate every this many optimizer steps")
-    p.add_argument("--ckpt_freq", type=int, default=500, help="checkpoint every this many optimizer steps")
-    p.add_argument("--save_opt_scheduler", type=int01, default=0, help=f"1: checkpoints hold {OPTIMIZER_FILE}/{SCHEDULER_FILE}")
+    p.add_argument("--eval_freq", type=int, default=500,
+                   help="evaluate every this many global steps (batches summed over processes), and after the first batch")
+    p.add_argument("--ckpt_freq", type=int, default=500,
+                   help="write ckpt_<global step> every this many global steps (batches summed over processes)")
+    p.add_argument("--save_opt_scheduler", type=int01, default=0,
+                   help=f"1: every checkpoint also holds {OPTIMIZER_FILE} and {SCHEDULER_FILE} (the optimizer and "
+                        "scheduler state that --resume_opt_scheduler 1 reads)")
     p.add_argument("--seed", type=int, default=47, help="seed of init, ID split and shuffling")
     p.add_argument("--track", type=int01, default=0, help="1: log to wandb")
     p.add_argument("--wandb_entity", type=str, default=None, help="wandb entity")
@@ -148,7 +246,8 @@ def prepare_data(args, spec: ClassifierSpec, log=print):
     if missing:
         raise ValueError(f"{len(missing)} problem(s) of --data_paths are not in {args.train_eval_save_path}, e.g. {missing[0]!r}")
     correctness = [np.asarray(p["partial_guided_predictions_correctness"], dtype=np.float64) for p in problems]
-    targets = [reward_targets(c, args.inference_mode, args.eta, args.shift_reward, args.scale_reward, spec) for c in correctness]
+    targets = [reward_targets(c, args.inference_mode, args.eta, args.shift_reward, args.scale_reward, spec, args.cd_baseline)
+               for c in correctness]
     train, ood = [], []
     for problem, target in zip(problems, targets):
         if split_map[problem["problem"]]["split"] == "eval":
@@ -156,7 +255,8 @@ def prepare_data(args, spec: ClassifierSpec, log=print):
         elif not (args.drop_no_variation and np.all(target == target[0])):
             train.append((problem, target))
     train_examples = build_examples([p for p, _ in train], [t for _, t in train], args.use_all_ref_tokens, args.max_length)
-    ood_examples = build_examples([p for p, _ in ood], [t for _, t in ood], args.use_all_ref_tokens, args.max_length)
+    # the original labels every roll-out token of the OOD set, whatever --use_all_ref_tokens
+    ood_examples = build_examples([p for p, _ in ood], [t for _, t in ood], True, args.max_length)
     keep, held = split_examples(len(train_examples), args.id_eval_ratio, args.seed)
     id_examples = [train_examples[i] for i in held]
     train_examples = [train_examples[i] for i in keep]
@@ -171,27 +271,35 @@ def prepare_data(args, spec: ClassifierSpec, log=print):
 
 def make_train_loader(args, examples, collate_fn) -> DataLoader:
     """The shuffled training batches of one process before ``accelerator.prepare`` (which
-    deals them out to the processes: each takes every ``world_size``-th batch)."""
+    deals them out to the processes: each takes every ``world_size``-th batch).
+
+    As in the original, token-budget batches have at most ``--batch_size`` rows, and the last
+    partial batch of an epoch is dropped (``--batch_size`` batching), unless the examples do
+    not fill one batch per process: then nothing is dropped (the original would train no step)."""
     if args.max_batch_num_tokens > 0:
-        sampler = TokenBudgetBatchSampler([len(e.input_ids) for e in examples], args.max_batch_num_tokens, seed=args.seed)
+        sampler = TokenBudgetBatchSampler([len(e.input_ids) for e in examples], args.max_batch_num_tokens, seed=args.seed,
+                                          max_rows=args.batch_size)
         return DataLoader(examples, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers)
     generator = torch.Generator().manual_seed(args.seed)
     return DataLoader(examples, batch_size=args.batch_size, shuffle=True, generator=generator,
-                      collate_fn=collate_fn, num_workers=args.num_workers)
+                      drop_last=len(examples) >= args.batch_size * args.world_size, collate_fn=collate_fn, num_workers=args.num_workers)
 
 
 def build_classifier(args, spec: ClassifierSpec) -> QSharpClassifier:
     if args.init_mode == "warmstart":
         return QSharpClassifier.from_pretrained(args.classifier_ckpt_path, spec=spec, dtype=args.dtype)
-    return QSharpClassifier.from_causal_lm(args.classifier_model_id, spec, args.init_mode, dtype=args.dtype, seed=args.seed)
+    return QSharpClassifier.from_causal_lm(args.classifier_model_id, spec, args.init_mode, dtype=args.dtype, seed=args.seed,
+                                           rank=current_process().rank)
 
 
 def main(args: argparse.Namespace) -> None:
-    accelerator = Accelerator(
+    accelerator = Accelerator(  # gradient accumulation is the loop's own (optimizer_step_due), not accelerate's
         cpu=accelerator_cpu(current_process()),  # several processes without CUDA: gloo on the CPU
-        gradient_accumulation_steps=args.gradient_accumulation_step, log_with="wandb" if args.track else None
+        log_with="wandb" if args.track else None
     )
     check_args(args, accelerator)
+    resume_files = (optimizer_scheduler_files(Path(args.classifier_ckpt_path))
+                    if args.classifier_ckpt_path is not None and args.resume_opt_scheduler else [])
     set_seed(args.seed)
     spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
     output_dir = Path(args.output_dir)
@@ -217,19 +325,13 @@ def main(args: argparse.Namespace) -> None:
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=max(0, args.warmup_step))
-    if args.classifier_ckpt_path is not None and args.resume_opt_scheduler:
-        checkpoint = Path(args.classifier_ckpt_path)
-        for name in (OPTIMIZER_FILE, SCHEDULER_FILE):
-            if not (checkpoint / name).is_file():
-                raise FileNotFoundError(f"--resume_opt_scheduler 1 but {checkpoint / name} does not exist "
-                                        "(train with --save_opt_scheduler 1)")
-        optimizer.load_state_dict(torch.load(checkpoint / OPTIMIZER_FILE, map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(checkpoint / SCHEDULER_FILE, map_location="cpu", weights_only=False))
+    if resume_files:
+        load_optimizer_scheduler(resume_files, optimizer, scheduler)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if args.track:
         accelerator.init_trackers(args.wandb_project or "qsharp", config=vars(args),
                                   init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.wandb_run_name}})
-    bernoulli = args.inference_mode == "bernoulli" and spec.loss_type != "mle"
+    bernoulli = args.inference_mode == "bernoulli"  # also for an mle head, as the original logs them
 
     def evaluate(step: int) -> None:
         metrics = {}
@@ -247,50 +349,58 @@ def main(args: argparse.Namespace) -> None:
             accelerator.unwrap_model(model).save_pretrained(output_dir / f"ckpt_{step}", tokenizer=tokenizer, extra_state=extra)
         accelerator.wait_for_everyone()
 
+    accumulation, world_size = args.gradient_accumulation_step, args.world_size
+    max_norm = V_HEAD_GRAD_CLIP if spec.classifier_type == "V" else float("inf")
     save(0)
-    evaluate(0)
-    steps_per_epoch = -(-len(train_loader) // args.gradient_accumulation_step)
-    total_steps = steps_per_epoch * args.num_epochs
-    step, last_saved, window_start, window_steps = 0, 0, time.time(), 0
+    evaluate(0)  # the starting weights (an addition: the original first evaluates after the first batch)
+    batches = optimizer_steps = global_step = last_saved = last_evaluated = 0  # batches: this process's, all epochs
+    step_loss, window_start, window_batches = 0.0, time.time(), 0
     model.train()
-    progress = tqdm(total=total_steps, desc="train", unit="step", disable=not accelerator.is_main_process)
+    progress = tqdm(total=len(train_loader) * args.num_epochs, desc="train", unit="batch",
+                    disable=not accelerator.is_main_process)
     for epoch in range(args.num_epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
+        set_loader_epoch(train_loader, epoch)  # also a TokenBudgetBatchSampler behind accelerate's shard
         for batch in train_loader:
-            with accelerator.accumulate(model):
+            batches += 1
+            global_step = global_step_after(batches, world_size)
+            stepping = optimizer_step_due(batches, accumulation)
+            with contextlib.nullcontext() if stepping else accelerator.no_sync(model):  # all-reduce once per step
                 logits = model(batch["input_ids"], batch["attention_mask"])
                 loss = accelerator.unwrap_model(model).loss(logits, batch["targets"], batch["loss_mask"])
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    max_norm = V_HEAD_GRAD_CLIP if spec.classifier_type == "V" else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                accelerator.backward(loss / accumulation)
+            step_loss = step_loss + loss.detach().float()  # this process's micro-batches of the coming step
+            window_batches += 1
+            if stepping:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            window_steps += 1
+                optimizer_steps += 1
+                training_loss, step_loss = float(step_loss) / accumulation, 0.0  # mean over the step's micro-batches
+                minutes = (time.time() - window_start) / 60
+                progress.set_postfix(loss=f"{training_loss:.4f}")
+                accelerator.log({"Training Loss": training_loss, "Learning Rate": scheduler.get_last_lr()[0],
+                                 "Steps per Min": window_batches / accumulation / max(minutes, 1e-9),
+                                 "Gradient Norm": float(grad_norm)}, step=global_step)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            minutes = (time.time() - window_start) / 60
-            accelerator.log({"Training Loss": loss.item(), "Learning Rate": scheduler.get_last_lr()[0],
-                             "Steps per Min": window_steps / max(minutes, 1e-9), "Gradient Norm": float(grad_norm)}, step=step)
-            if step % args.eval_freq == 0:
-                evaluate(step)
-            if step % args.ckpt_freq == 0:
-                save(step)
-                last_saved = step
-            if step % args.eval_freq == 0 or step % args.ckpt_freq == 0:  # the rate counts training time only
-                window_start, window_steps = time.time(), 0
+            if eval_due(global_step, args.eval_freq):
+                evaluate(global_step)
+                last_evaluated = global_step
+            if checkpoint_due(global_step, args.ckpt_freq):
+                save(global_step)
+                last_saved = global_step
+            if global_step in (last_evaluated, last_saved):  # the rate counts training time only
+                window_start, window_batches = time.time(), 0
     progress.close()
-    if step != last_saved:
-        evaluate(step)
-        save(step)
+    if global_step != last_saved:  # the last batch was no checkpoint: keep (and evaluate) its weights too, an addition
+        if global_step != last_evaluated:
+            evaluate(global_step)
+        save(global_step)
     accelerator.end_training()
-    accelerator.print(f"train: {step} steps, last checkpoint {output_dir / f'ckpt_{step}'}")
+    pending = batches % accumulation
+    accelerator.print(f"train: {global_step} steps ({batches} batches per process, {optimizer_steps} optimizer steps"
+                      + (f"; the gradient of the last {pending} batch(es) was not applied" if pending else "")
+                      + f"), last checkpoint {output_dir / f'ckpt_{global_step}'}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ models over a vocabulary of 128256 tokens, Llama 3's, since the cost of KL grows
 vocabulary) is sampled twice with the same seeds:
 
 - online: ``utils.rollout.sample_batch`` as ``eval_ckpt.py`` runs it; the processor adds
-  KL(guided || reference) of each step from the two logit vectors it already holds;
+  the original's KL(top_p(guided / T) || reference / T) of each step from the two logit
+  vectors it already holds;
 - two-pass (the original code): every step's guided logits are kept
   ([batch, steps, vocab]), then a second forward pass of the reference model over
   prompt + response (``--kl_batch_size`` rows at a time) gives the reference logits.
@@ -47,7 +48,8 @@ def main(args: argparse.Namespace) -> None:
     records = [{"prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})"} for i in range(args.num_problems)]
     batches = [records[i : i + args.batch_size] for i in range(0, len(records), args.batch_size)]
     common = {"pad_token_id": tokenizer.pad_token_id}
-    online = QSharpLogitsProcessor(classifier, args.eta, args.top_k, kl_temperature=args.temperature, **common)
+    online = QSharpLogitsProcessor(classifier, args.eta, args.top_k, kl_temperature=args.temperature, kl_top_p=args.top_p,
+                                   **common)
     plain = QSharpLogitsProcessor(classifier, args.eta, args.top_k, **common)
     sampling = {"use_chat_template": True, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "stop_ids": stop_ids}
@@ -71,7 +73,7 @@ def main(args: argparse.Namespace) -> None:
     results = {"online": run_online(), "two_pass": run_two_pass()}  # warm-up, and the values compared
     if [r["prediction"] for r in results["online"]] != [r["prediction"] for r in results["two_pass"]]:
         raise SystemExit("error: the two runs sampled different responses; the comparison is void")
-    diff = max(abs(a["kl"] - b["kl"]) for a, b in zip(results["online"], results["two_pass"]))
+    diff = max(abs(a["traj_kl"] - b["traj_kl"]) for a, b in zip(results["online"], results["two_pass"]))
     times = {"online": [], "two_pass": []}
     for _ in range(args.repeats):
         times["online"].append(elapsed(run_online))
@@ -86,7 +88,7 @@ def main(args: argparse.Namespace) -> None:
         "max_abs_diff": diff,
         "online_s": round(online_s, 4),
         "two_pass_s": round(two_pass_s, 4),
-        "kl_mean": sum(r["kl"] for r in results["online"]) / len(records),
+        "kl_mean": sum(r["traj_kl"] for r in results["online"]) / len(records),
         "kept_scores_mb": round(max(steps) * args.batch_size * vocab * 4 / 2**20, 1),  # two-pass, per batch
         "online_kl_state_mb": round(args.batch_size * vocab * 4 / 2**20, 1),  # one step's distributions
         "num_problems": len(records),

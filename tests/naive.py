@@ -35,9 +35,10 @@ def closed_form_offsets(logits, mode, eta, atoms=None):
     logits = logits.double()
     if mode == "disabled":
         return torch.zeros(logits.shape[:-1], dtype=torch.float64)
-    if mode == "mle":
+    if mode == "mle":  # the original's: minus the row's lowest candidate offset
         pmf = torch.softmax(logits, -1)
-        return torch.log((pmf * torch.exp(eta * atoms.double())).sum(-1))
+        offsets = torch.log((pmf * torch.exp(eta * atoms.double())).sum(-1))
+        return offsets - offsets.min(-1, keepdim=True).values
     if mode == "cd" and atoms is not None:  # distributional head: eta * mean of the histogram
         return eta * (torch.softmax(logits, -1) * atoms.double()).sum(-1)
     p = 1.0 / (1.0 + torch.exp(-logits[..., 0]))
@@ -70,13 +71,25 @@ class KeepScores(LogitsProcessor):
         return out
 
 
-def two_pass_kl(ref_model, batch, responses, lengths, guided_steps, temperature, kl_batch_size=2):
-    """KL(guided || reference) per response [batch], computed the original way.
+def naive_top_p(logits, top_p):
+    """Nucleus filter [rows, vocab] written out: drop the tokens whose cumulative mass, counted
+    from the least likely one, is <= 1 - top_p; the most likely token always stays."""
+    if top_p >= 1.0:
+        return logits
+    ascending, order = torch.sort(logits, dim=-1)
+    drop = torch.softmax(ascending, -1).cumsum(-1) <= 1 - top_p
+    drop[:, -1] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
-    ``guided_steps`` [batch, steps, vocab] are the guided logits kept during decoding; a
-    second forward pass of the reference model over prompt + response (``kl_batch_size``
-    rows at a time) gives the reference logits of every step. Both at ``temperature``;
-    steps after a response's end are left out.
+
+def two_pass_kl(ref_model, batch, responses, lengths, guided_steps, temperature, kl_batch_size=2, top_p=1.0):
+    """KL per response [batch], computed the original way: every step's guided logits kept,
+    then a second reference pass; KL(softmax(top_p(guided / T)) || softmax(reference / T)).
+
+    ``guided_steps`` [batch, steps, vocab] are the (raw) guided logits kept during decoding;
+    a second forward pass of the reference model over prompt + response (``kl_batch_size``
+    rows at a time) gives the reference logits of every step. Steps after a response's end
+    are left out.
     """
     prompt_len, steps = batch["input_ids"].shape[1], responses.shape[1]
     ids = torch.cat([batch["input_ids"], responses], dim=1)
@@ -88,8 +101,9 @@ def two_pass_kl(ref_model, batch, responses, lengths, guided_steps, temperature,
             rows = slice(start, start + kl_batch_size)
             logits = ref_model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows]).logits
             reference = logits[:, prompt_len - 1 : prompt_len - 1 + steps].float()  # [rows, steps, vocab]
-            guided = guided_steps[rows].float()
-            log_p = torch.log_softmax(guided / temperature, dim=-1)
+            guided = guided_steps[rows].float() / temperature  # [rows, steps, vocab]
+            guided = torch.stack([naive_top_p(guided[:, t], top_p) for t in range(steps)], dim=1)
+            log_p = torch.log_softmax(guided, dim=-1)
             log_q = torch.log_softmax(reference / temperature, dim=-1)
             terms = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))
             per_step.append(terms.sum(-1))
@@ -110,14 +124,15 @@ def two_pass_sample_batch(ref_model, tokenizer, records, processor, *, use_chat_
         top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
     )
     guided = torch.stack(keeper.steps, dim=1)  # [batch, steps, vocab]
-    kl = two_pass_kl(ref_model, batch, responses, lengths, guided, temperature if temperature > 0 else 1.0, kl_batch_size)
+    sampled = temperature > 0
+    kl = two_pass_kl(ref_model, batch, responses, lengths, guided, temperature if sampled else 1.0, kl_batch_size,
+                     top_p if sampled else 1.0)
     results = []
     for row in range(len(records)):
         length = int(lengths[row])
         results.append({
             "prediction": tokenizer.decode(responses[row, :length].tolist(), skip_special_tokens=True),
             "num_response_tokens": length,
-            "kl": float(kl[row]),
-            "kl_per_token": float(kl[row]) / max(length, 1),
+            "traj_kl": float(kl[row]),
         })
     return results

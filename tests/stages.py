@@ -43,7 +43,7 @@ def check_collected(folder: Path, records: list[dict], num_problems: int, num_sa
         rollout = data["partial_guided_responses_tokenized"][0]
         assert all(isinstance(t, int) for t in partial + rollout)
         assert 1 <= kept <= max_new_tokens and kept < len(partial)
-        assert kept + len(rollout) <= max_new_tokens
+        assert len(rollout) <= max_new_tokens  # the roll-out's own budget, as the original
         assert isinstance(data["partial_guided_predictions_correctness"][0], bool)
         assert isinstance(data["fully_guided_predictions"][0], str)
 
@@ -55,8 +55,9 @@ def check_eval(checkpoint: Path, tag: str, num_problems: int, num_samples: int) 
     results = read_jsonl(checkpoint / f"inference_eval_results_{tag}.jsonl")
     assert len(results) == num_problems
     for result in results:
-        assert len(result["predictions"]) == len(result["kl"]) == len(result["kl_per_token"]) == num_samples
-        assert all(kl >= -1e-6 for kl in result["kl"])
+        assert len(result["predictions"]) == len(result["traj_kl"]) == len(result["predictions_correctness"]) == num_samples
+        assert all(kl >= -1e-6 for kl in result["traj_kl"])
+        assert isinstance(result["majority_vote_correct"], bool) and isinstance(result["pass_at_k"], bool)
     stats = json.loads((checkpoint / f"reward_stats_{tag}.json").read_text())
     for key in ("single_sample_accuracy_mean", "majority_vote_accuracy_mean", "pass_k_accuracy_mean"):
         assert 0.0 <= stats[key] <= 1.0

@@ -7,8 +7,15 @@ and the eta sweep of ``eval_ckpt.py``.
   evaluation's results and reward stats are written once, by the main process.
 - Training on 2 processes: args.json and every checkpoint are renamed into place once, by
   rank 0, and nothing half-written is left; each log line appears once; the step-0 eval
-  metrics equal a single process's; each rank trains on every other batch (half the steps;
-  the prepared loader gives the ranks disjoint batches).
+  metrics equal a single process's; each rank trains on every other batch (half the
+  batches; the prepared loader gives the ranks disjoint batches), and ``ckpt_<step>``
+  counts the batches of both (the original's global_step).
+- The worked example of the original's step counters (2 processes, accumulation 2, 10
+  batches each, ckpt_freq 2): checkpoints ckpt_0, ckpt_2, ..., ckpt_20, and the optimizer
+  steps done at each (see test_ckpt_steps.py).
+- Every epoch is a new shuffle on every rank, also with ``--max_batch_num_tokens`` (whose
+  batch sampler accelerate's shard wrapper hides from ``set_epoch``), and the ranks' batches
+  stay disjoint.
 - ``--eta 0 2 5`` writes the files of three separate runs and loads each model once.
 
 The single-process references run in-process with one CPU thread, as the launched
@@ -36,8 +43,10 @@ import combine_training_data
 import eval_ckpt
 import train_classifier
 from dataset.synthetic import write_synthetic_dataset
+from tests.fake_collected import train_flags, write_fake_collected
+from tests.test_ckpt_steps import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
 from utils.cli import run
-from utils.distributed import Process, rank_share
+from utils.distributed import Process, rank_share, set_loader_epoch
 from utils.tiny_models import write_tiny_models
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
@@ -177,7 +186,7 @@ def test_collect_on_two_processes_writes_the_single_process_files(workdir, colle
     assert lines(out, "[rank 0/2] collect: problems 1..6,") and lines(out, "[rank 1/2] collect: problems 7..10,")
     single, double = files(collected), files(workdir / "collect_2")
     single.pop("all_train_data.jsonl")
-    assert sorted(double) == sorted(single) and len(single) == 10 * 2 + 1  # 10 problems x 2 repeats, run_settings.json
+    assert sorted(double) == sorted(single) and len(single) == 10 * 2 + 1  # 10 problems x 2 repeats, .run_settings.json
     assert [name for name in double if single[name] != double[name]] == []
 
 
@@ -206,10 +215,14 @@ def test_train_on_two_processes(workdir, collected, capsys):
     single = capsys.readouterr().out
     single_steps = int(re.search(r"^train: (\d+) steps", single, re.M).group(1))
 
-    # every log line once; each rank takes every other batch (accelerate pads the last round)
-    steps = math.ceil(single_steps / 2)
-    checkpoints = sorted({0, *range(2, steps + 1, 2), steps})
-    for prefix in ("train: V/bce head", "train: 10 problems", f"train: {steps} steps, last checkpoint train_2/ckpt_{steps}"):
+    # every log line once; each rank takes every other batch (accelerate pads the last round);
+    # the step counts the batches of both ranks: ckpt_freq 2 is every batch of a rank
+    batches = math.ceil(single_steps / 2)
+    steps = 2 * batches
+    checkpoints = list(range(0, steps + 1, 2))
+    for prefix in ("train: V/bce head", "train: 10 problems",
+                   f"train: {steps} steps ({batches} batches per process, {batches} optimizer steps), "
+                   f"last checkpoint train_2/ckpt_{steps}"):
         assert len(lines(out, prefix)) == 1, out
     assert [int(line.split()[1].rstrip(":")) for line in lines(out, "step ")] == checkpoints
     # every rank evaluates the whole eval sets: step 0 (same weights) as in one process
@@ -227,6 +240,61 @@ def test_train_on_two_processes(workdir, collected, capsys):
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= names and not any(n.startswith(".") for n in names)
 
 
+def test_worked_example_on_two_processes(workdir):
+    """2 processes, accumulation 2, 10 batches each, ckpt_freq 2: the original's checkpoint
+    names, and at each the optimizer steps of the project's rule (one after every 2nd batch)."""
+    paths = write_fake_collected(workdir / "fake_example", num_train=10, repeats=2)  # 20 batches of 1
+    out = launch(workdir, "train_classifier.py", *train_flags(paths, workdir / "tiny"), "--world_size", "2",
+                 "--gradient_accumulation_step", "2", "--ckpt_freq", "2", "--eval_freq", "1000",
+                 "--save_opt_scheduler", "1", "--output_dir", "train_example")
+    assert lines(out, "train: 20 steps (10 batches per process, 5 optimizer steps), last checkpoint train_example/ckpt_20")
+    output = workdir / "train_example"
+    assert checkpoint_names(output) == ["ckpt_0", *EXAMPLE_NAMES]
+    assert [optimizer_states_steps(output / name) for name in EXAMPLE_NAMES] == EXAMPLE_STEPS_DONE
+    assert optimizer_states_steps(output / "ckpt_0") == 0
+    assert [int(line.split()[1].rstrip(":")) for line in lines(out, "step ")] == [0]  # eval_freq 1000; no step 1
+
+
+# Launched on 2 processes: the training loader of each rank over 3 epochs, started as
+# train_classifier.main starts them; each rank writes the example indices of its batches.
+EPOCHS_SCRIPT = '''
+import json, sys
+from types import SimpleNamespace
+import torch
+from accelerate import Accelerator
+import train_classifier
+from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
+
+accelerator = Accelerator(cpu=accelerator_cpu(current_process()))
+args = train_classifier.parse_args(sys.argv[2:])
+examples = [SimpleNamespace(index=i, input_ids=[0] * 4) for i in range(24)]  # 12 batches of 2 either way
+loader = accelerator.prepare(train_classifier.make_train_loader(args, examples,
+                                                                lambda b: torch.tensor([e.index for e in b])))
+epochs = []
+for epoch in range(3):
+    set_loader_epoch(loader, epoch)
+    epochs.append([batch.tolist() for batch in loader])
+with open(f"{sys.argv[1]}.{accelerator.process_index}.json", "w") as handle:
+    json.dump(epochs, handle)
+'''
+
+
+@pytest.mark.parametrize("budget", [-1, 8], ids=["batch_size", "max_batch_num_tokens"])
+def test_every_epoch_is_a_new_shuffle_on_two_processes(workdir, budget):
+    script = workdir / "epochs.py"
+    script.write_text(EPOCHS_SCRIPT)
+    prefix = workdir / f"epochs_{budget}"
+    launch(workdir, str(script), str(prefix), *TRAIN, "--max_batch_num_tokens", str(budget))
+    ranks = [json.loads(Path(f"{prefix}.{rank}.json").read_text()) for rank in range(2)]
+    for epochs in ranks:
+        assert len(epochs) == 3 and all(len(batches) == 6 for batches in epochs)
+        orders = [[i for batch in batches for i in batch] for batches in epochs]
+        assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2], "an epoch repeated"
+    for epoch in range(3):  # the ranks' batches: disjoint, together every example once
+        indices = [i for epochs in ranks for batch in epochs[epoch] for i in batch]
+        assert sorted(indices) == list(range(24)), epoch
+
+
 @pytest.mark.parametrize("budget", [-1, 8], ids=["batch_size", "max_batch_num_tokens"])
 def test_each_rank_trains_on_its_own_batches(budget):
     """What ``accelerator.prepare`` makes of the training loader on 2 processes: every other
@@ -240,11 +308,19 @@ def test_each_rank_trains_on_its_own_batches(budget):
     def loader():  # as each rank builds it (same seed)
         return train_classifier.make_train_loader(args, examples, lambda batch: [e.index for e in batch])
 
-    whole = list(loader())
-    shards = [list(prepare_data_loader(loader(), num_processes=2, process_index=rank)) for rank in range(2)]
-    assert shards == [whole[0::2], whole[1::2]]
-    assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(12))
-    assert whole != sorted(whole), "shuffled"
+    single = loader()
+    prepared = [prepare_data_loader(loader(), num_processes=2, process_index=rank) for rank in range(2)]
+    seen = []
+    for epoch in range(2):  # started as train_classifier.main starts them
+        for each in (single, *prepared):
+            set_loader_epoch(each, epoch)
+        whole = list(single)
+        shards = [list(shard) for shard in prepared]
+        assert shards == [whole[0::2], whole[1::2]]
+        assert sorted(i for shard in shards for batch in shard for i in batch) == list(range(12))
+        assert whole != sorted(whole), "shuffled"
+        seen.append(whole)
+    assert seen[0] != seen[1], "the second epoch repeats the first"
 
 
 def test_eta_sweep_writes_the_files_of_separate_runs_and_loads_each_model_once(workdir, monkeypatch, capsys):

@@ -174,7 +174,7 @@ def guided_collect(checkpoint: Path, data: dict, output_dir: Path) -> dict:
         "--train_eval_save_path", data["train_eval"], "--start_index", "0", "--end_index", str(GUIDED_PROBLEMS),
         "--num_samples", "1", "--output_dir", str(output_dir), *COMMON,
     ]))
-    settings = json.loads((output_dir / "run_settings.json").read_text())
+    settings = json.loads((output_dir / ".run_settings.json").read_text())
     assert settings["eta"] == 5.0 and settings["classifier_ckpt_path"] == str(checkpoint), settings
     return settings
 
@@ -225,7 +225,7 @@ def test_stages_on_every_family(arch, cli_models, round1, data, tmp_path):
     tag = eval_tag(5, 20, 0.8)
     assert len(list((tmp_path / "eval" / f"individual_eval_inference_{tag}").glob("*_r0.json"))) == 2
     results = read_jsonl(tmp_path / "eval" / f"inference_eval_results_{tag}.jsonl")
-    assert len(results) == 2 and all(len(r["predictions"]) == len(r["kl"]) == 1 for r in results)
+    assert len(results) == 2 and all(len(r["predictions"]) == len(r["traj_kl"]) == 1 for r in results)
     stats = json.loads((tmp_path / "eval" / f"reward_stats_{tag}.json").read_text())
     assert stats["kl_mean"] > 0, "the Q head did not change the policy"
 

@@ -94,6 +94,15 @@ def test_masked_positions_do_not_matter_and_empty_rows_are_skipped():
     assert reduce_loss(per_pos, mask).item() == pytest.approx((per_pos[0, 0] + per_pos[0, 1]).item() / 2)
 
 
+def test_per_example_weights_scale_each_example_and_weight_0_still_counts():
+    spec = ClassifierSpec("V", "bce")
+    per_pos = per_position_loss(LOGITS, TARGETS, spec)
+    weights = torch.tensor([2.0, 0.0])
+    row = [(per_pos[b] * MASK[b]).sum().item() / MASK[b].sum().item() for b in range(2)]
+    assert reduce_loss(per_pos, MASK, weights).item() == pytest.approx((2.0 * row[0] + 0.0 * row[1]) / 2)  # mean over 2
+    torch.testing.assert_close(reduce_loss(per_pos, MASK, weights), reduce_loss(per_pos, MASK, weights[:, None].expand(2, 3)))
+
+
 def test_expected_reward():
     scalar = ClassifierSpec("V", "bce")
     torch.testing.assert_close(expected_reward(torch.tensor([[0.0], [2.0]]), scalar), torch.sigmoid(torch.tensor([0.0, 2.0])))
@@ -176,14 +185,25 @@ def test_init_modes(tiny_dir):
     random = QSharpClassifier.from_causal_lm(path, ClassifierSpec("V"), "random", seed=0)
     assert torch.count_nonzero(random.score.weight) == random.score.weight.numel()
 
-    reuse_q = QSharpClassifier.from_causal_lm(path, ClassifierSpec("Q", "bce"), "reuse")
+    reuse_q = QSharpClassifier.from_causal_lm(path, ClassifierSpec("Q", "bce", use_bias=True), "reuse")
     torch.testing.assert_close(reuse_q.score.weight, lm_head)
+    assert torch.count_nonzero(reuse_q.score.bias) == 0
 
     reuse_q_mle = QSharpClassifier.from_causal_lm(path, ClassifierSpec("Q", "mle", num_atoms=3), "reuse")
     torch.testing.assert_close(reuse_q_mle.score.weight.view(-1, 3, lm_head.shape[1])[:, 1], lm_head)
 
-    reuse_v = QSharpClassifier.from_causal_lm(path, ClassifierSpec("V"), "reuse")
-    assert torch.count_nonzero(reuse_v.score.weight) == 0
+    # the original applies --init_mode to Q heads only: a V head keeps the default normal init
+    reuse_v = QSharpClassifier.from_causal_lm(path, ClassifierSpec("V", use_bias=True), "reuse", seed=0)
+    random_v = QSharpClassifier.from_causal_lm(path, ClassifierSpec("V", use_bias=True), "random", seed=0)
+    torch.testing.assert_close(reuse_v.score.weight, random_v.score.weight, rtol=0, atol=0)
+    assert torch.count_nonzero(reuse_v.score.weight) == reuse_v.score.weight.numel()
+    assert torch.count_nonzero(reuse_v.score.bias) == 0
+    torch.manual_seed(0)
+    expected = torch.empty_like(random.score.weight).normal_(0.0, lm.config.initializer_range)
+    torch.testing.assert_close(random.score.weight, expected, rtol=0, atol=0)  # seed 0 * 42 + rank 0
+    seeded = QSharpClassifier.from_causal_lm(path, ClassifierSpec("V"), "random", seed=1, rank=1)
+    torch.manual_seed(1 * 42 + 1 * 100003)
+    torch.testing.assert_close(seeded.score.weight, torch.empty_like(expected).normal_(0.0, lm.config.initializer_range))
 
     with pytest.raises(ValueError, match="valid values: zero, random, reuse"):
         QSharpClassifier.from_causal_lm(path, ClassifierSpec("V"), "warm")

@@ -69,7 +69,7 @@ def test_math_four_stages(workdir):
     )
     folder = workdir / "collected_data" / "tiny_math"
     check_collected(folder, train_records, NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS)
-    assert json.loads((folder / "run_settings.json").read_text())["dataset_type"] == "math"
+    assert json.loads((folder / ".run_settings.json").read_text())["dataset_type"] == "math"
     for path in folder.glob("*_r*.json"):
         data = json.loads(path.read_text())
         for prediction, correct in zip(data["partial_guided_predictions"], data["partial_guided_predictions_correctness"]):
@@ -107,7 +107,7 @@ def test_math_four_stages(workdir):
     stage(workdir, "eval_ckpt.py", *eval_args)
     check_eval(checkpoint, TAG, NUM_TEST, 2)
     sample_dir = checkpoint / f"individual_eval_inference_{TAG}"
-    assert json.loads((sample_dir / "run_settings.json").read_text())["dataset_type"] == "math"
+    assert json.loads((sample_dir / ".run_settings.json").read_text())["dataset_type"] == "math"
     for path in sample_dir.glob("*_r*.json"):
         sample = json.loads(path.read_text())
         record = test_records[int(path.name.split("_")[0])]
@@ -124,6 +124,6 @@ def test_math_four_stages(workdir):
     stage(workdir, "eval_ckpt.py", *eval_args)
     results = {r["eval_id"]: r for r in read_jsonl(checkpoint / f"inference_eval_results_{TAG}.jsonl")}
     assert [results[i]["predictions"] for i in range(NUM_TEST)] == [[respond(a) for a in answers[i]] for i in range(NUM_TEST)]
-    assert [results[i]["pass_k_correctness"] for i in range(NUM_TEST)] == [True, True, False]
-    assert results[0]["majority_vote_correctness"] is True and results[2]["majority_vote_correctness"] is False
+    assert [results[i]["pass_at_k"] for i in range(NUM_TEST)] == [True, True, False]
+    assert results[0]["majority_vote_correct"] is True and results[2]["majority_vote_correct"] is False
     assert check_eval(checkpoint, TAG, NUM_TEST, 2)["pass_k_accuracy_mean"] == pytest.approx(2 / 3)

@@ -44,7 +44,7 @@ def naive_r2(pred, target):
 def naive_accuracy(pred, target, threshold=0.5):
     hits = 0
     for p, t in zip(pred, target):
-        if (p >= threshold) == (t >= threshold):
+        if (p > threshold) == (t > threshold):  # strictly greater, as the original
             hits += 1
     return hits / len(pred)
 
@@ -125,7 +125,8 @@ def test_roc_auc_matches_pairwise_reference(pred, target):
 def test_hand_values():
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert roc_auc([0.5, 0.5, 0.5, 0.1, 0.9], [1, 0, 1, 0, 1]) == pytest.approx(5 / 6)
-    assert binary_accuracy([0.2, 0.5, 0.49, 0.9], [0, 1, 1, 0]) == pytest.approx(0.5)
+    assert binary_accuracy([0.2, 0.5, 0.49, 0.9], [0, 1, 1, 0]) == pytest.approx(0.25)  # 0.5 is not > 0.5
+    assert binary_accuracy([0.5, 0.51], [0, 1]) == 1.0
     # pred = target + 1: explained variance ignores the bias, R^2 does not.
     target = [0.0, 1.0, 2.0, 3.0]
     pred = [1.0, 2.0, 3.0, 4.0]

@@ -35,5 +35,5 @@ def test_reduced_quickstart_writes_summary(tmp_path):
             assert 0.0 <= row[key] <= 1.0, (row["method"], key, row[key])
         assert row["kl_mean"] >= 0.0
         assert row["pass_at_k"] >= row["pass_at_1"]
-    assert summary["rows"][0]["kl_mean"] == 0.0  # the reference is eta 0
+    assert summary["rows"][0]["kl_mean"] > 0.0  # the reference (eta 0): top-p's -log(nucleus mass), as the original
     assert "| qsharp_round2 |" in result.stdout  # the markdown table is printed

@@ -8,6 +8,11 @@ tiny random Llama models and synthetic GSM8K-format problems. A kill that lands 
 write leaves the atomic writer's temporary (``.<name>.<host>.<pid>.<random>.tmp``) behind;
 since that window is too short to hit on purpose, the killed run's temporary is also laid
 down by hand, under the killed process's pid, before the run is started again.
+
+Also training resumed from a checkpoint with ``--resume_opt_scheduler 1``: the optimizer and
+scheduler state that ``--save_opt_scheduler 1`` wrote (``optimizer.pt`` + ``lr_scheduler.pt``,
+the original's names), an older checkpoint's ``scheduler.pt``, or the original resume's
+``optimizer_scheduler_state.pt``; a checkpoint without them is a one-line error.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +29,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
+import train_classifier
 from dataset.synthetic import write_synthetic_dataset
+from tests.fake_collected import train_flags, write_fake_collected
+from utils.cli import run
 from utils.data import TMP_SUFFIX, temporary_prefix
 from utils.tiny_models import write_tiny_models
 
@@ -37,7 +47,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS
 TIMEOUT = 300
 # Besides the results, a run may keep this record of its settings in each result folder
 # (checked by a resume); it must then be the same as in the uninterrupted run.
-BOOKKEEPING = "run_settings.json"
+BOOKKEEPING = ".run_settings.json"
 RESULT = re.compile(r"\d+_r\d+\.json")
 
 
@@ -212,3 +222,67 @@ def test_eval_resumes_after_sigkill(workdir):
         leave_killed_temporary(out / sample_dir, min(samples - set(results_in(out / sample_dir))), pid)
         run_to_end(workdir, evaluate(out), workdir / f"{out.name}.2.log")
     check_same_as_uninterrupted(out, full, expected)
+
+
+def test_train_resumes_optimizer_and_scheduler(workdir, capsys):
+    """--save_opt_scheduler 1 writes optimizer.pt + lr_scheduler.pt; --resume_opt_scheduler 1
+    from such a checkpoint continues their state (the new run's ckpt_0 holds it)."""
+    paths = write_fake_collected(workdir / "fake", num_train=4, repeats=1, num_ood=1)
+    flags = [*train_flags(paths, workdir / "tiny"), "--warmup_step", "10", "--ckpt_freq", "2", "--eval_freq", "100",
+             "--save_opt_scheduler", "1"]
+
+    def train(output_dir: str, *extra: str) -> Path:
+        run(train_classifier.main, train_classifier.parse_args([*flags, *extra, "--output_dir", str(workdir / output_dir)]))
+        return workdir / output_dir
+
+    def states(checkpoint: Path) -> tuple[dict, dict]:
+        load = lambda name: torch.load(checkpoint / name, map_location="cpu", weights_only=False)  # noqa: E731
+        return load("optimizer.pt"), load("lr_scheduler.pt")
+
+    def steps(optimizer_state: dict) -> set[int]:
+        return {int(s["step"]) for s in optimizer_state["state"].values()}
+
+    first = train("train_first")
+    assert {p.name for p in first.glob("ckpt_*")} == {"ckpt_0", "ckpt_2", "ckpt_4"}
+    assert {"optimizer.pt", "lr_scheduler.pt"} <= {p.name for p in (first / "ckpt_4").iterdir()}
+    assert not list(first.rglob("scheduler.pt"))
+    optimizer_state, scheduler_state = states(first / "ckpt_4")
+    assert steps(optimizer_state) == {4} and scheduler_state["last_epoch"] == 4  # mid-warmup: 4 of 10 steps
+
+    def resume(name: str, checkpoint: Path) -> Path:
+        return train(name, "--init_mode", "warmstart", "--classifier_ckpt_path", str(checkpoint), "--resume_opt_scheduler", "1")
+
+    resumed = resume("train_resumed", first / "ckpt_4")
+    start, start_scheduler = states(resumed / "ckpt_0")  # the counter restarts at 0, as the original's
+    assert steps(start) == {4} and start_scheduler == scheduler_state
+    for key, value in optimizer_state["state"][0].items():
+        assert torch.equal(start["state"][0][key], value), key
+    end, end_scheduler = states(resumed / "ckpt_4")
+    assert steps(end) == {8} and end_scheduler["last_epoch"] == 8
+    assert end_scheduler["_last_lr"][0] == pytest.approx(1e-3 * 8 / 10)  # the warmup went on
+
+    # a checkpoint of this project's earlier versions: scheduler.pt
+    older = workdir / "older" / "ckpt_4"
+    shutil.copytree(first / "ckpt_4", older)
+    os.replace(older / "lr_scheduler.pt", older / "scheduler.pt")
+    assert states(resume("train_from_older", older) / "ckpt_0")[1] == scheduler_state
+
+    # the file the original's resume reads: {"optimizer": ..., "scheduler": ...}
+    combined = workdir / "combined" / "ckpt_4"
+    shutil.copytree(first / "ckpt_4", combined)
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state}, combined / "optimizer_scheduler_state.pt")
+    for name in ("optimizer.pt", "lr_scheduler.pt"):
+        (combined / name).unlink()
+    assert states(resume("train_from_combined", combined) / "ckpt_0")[1] == scheduler_state
+
+    # none of them: one line saying what is missing and how to get it
+    bare = workdir / "bare" / "ckpt_4"
+    shutil.copytree(first / "ckpt_4", bare)
+    (bare / "lr_scheduler.pt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        resume("train_from_bare", bare)
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"error: --resume_opt_scheduler 1 but {bare} holds neither "
+                                                  "optimizer.pt + lr_scheduler.pt nor optimizer_scheduler_state.pt")
+    assert "--save_opt_scheduler 1" in error

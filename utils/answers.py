@@ -1,45 +1,48 @@
-"""Answer extraction and grading for GSM8K and MATH / MATH500.
+"""Answer extraction and grading for GSM8K and MATH / MATH500, as the original's
+``accuracy_utils.py`` does it (checked against ``shared/golden/accuracy.json``, computed
+by the original with math_verify 0.7.0; pinned in requirements.txt).
 
 Pipeline for one model response::
 
-    response --extract_boxed--> prediction   (content of the LAST \\boxed{...})
+    response --process_sample--> prediction  (content of the LAST \\boxed{...}; '' if none)
     reference --reference_answer--> gold     (gsm8k: the answer string itself;
                                               math: last box of the solution)
     is_equiv(gold, prediction, match_fn_type)
 
-Two matchers are available (``MATCH_FNS``):
+Matchers (``MATCH_FNS``, chosen with ``--match_fn_type``):
 
-- ``strict``: string equality after stripping surrounding whitespace (empty matches nothing).
-- ``symbolic``: both sides go through :func:`normalize_answer`, then Math-Verify
-  decides: ``verify(parse("$" + gold + "$"), parse("$" + pred + "$"))``, gold first
-  (Math-Verify's comparison is not symmetric in every case, e.g. for sets/intervals).
-  Any exception or timeout inside Math-Verify counts as "not equivalent".
+- ``symbolic`` (default): the original's ``numeric_or_symbolic_correctness``, nothing
+  added: ``verify(gold=parse("$" + gold + "$"), target=parse("$" + pred + "$"))`` with
+  Math-Verify 0.7.0. The comparison is not symmetric: gold ``(-\\infty,2)`` rejects
+  ``x<2``, gold ``x<2`` accepts ``(-\\infty,2)``; gold ``50\\%`` accepts ``0.5`` but
+  not ``50`` (math_verify 0.9.0 accepts both). Any exception or timeout counts as "not
+  equivalent".
+- ``strict``: the original's ``sample_match_strict``, string equality (after stripping
+  surrounding whitespace; an empty answer matches nothing).
+- ``symbolic_normalized`` (not the original; never the default): the project's former
+  grader, :func:`normalize_answer` on both sides, then Math-Verify as ``symbolic``.
+  :func:`normalize_answer` removes ``\\$``/``$``, plain-word and ``\\text{...}`` units
+  after a number (``18 dollars``, which Math-Verify parses as the product
+  ``18*a*d*o*l*l*r*s``), thousands separators of a whole-answer number (``1,450,000``;
+  malformed groups such as ``1,45`` are left alone), ``^\\circ``, ``\\!`` and ``{,}``, and
+  rewrites ``\\dfrac``/``\\tfrac`` to ``\\frac``. Percent signs are left to Math-Verify.
 
-Which phenomena are handled where (checked against math_verify 0.9.0):
+An empty prediction (no box, an unclosed last box, or an empty box) matches nothing,
+not even an empty gold: Math-Verify parses ``$$`` to nothing. Math-Verify's 5-second
+SIGALRM timeouts apply in the main thread; in other threads grading runs without one
+(0.7.0 would otherwise fail every parse there; see :func:`_thread_aware_timeout`).
 
-- Handled by Math-Verify itself (kept there, not duplicated): ``\\frac{2}{4}`` vs
-  ``0.5``; ``\\dfrac``/``\\tfrac``; ``\\$18``; ``18\\%`` vs ``18`` (and vs ``0.18``:
-  Math-Verify accepts both readings of a percentage, so ``%`` is deliberately NOT
-  stripped here, stripping would lose the ``0.18`` reading); ``18\\text{ dollars}``,
-  ``5\\mbox{ cm}``, ``5 \\mathrm{cm}``; ``^\\circ``; ``1,450,000`` and ``10,\\!000``;
-  interval endpoints ``(-\\infty, 2]`` vs ``(-\\infty, 2)``; sets/tuples ``1,2,3``.
-- Not handled (or handled inconsistently) by Math-Verify, hence in
-  :func:`normalize_answer`: trailing plain-word units (``18 dollars`` parses as the
-  product ``18*a*d*o*l*l*r*s``; ``7 cookies`` likewise), a whole-answer
-  ``\\text{18 dollars}``, units after a number with thousands separators
-  (``1,450,000 dollars`` becomes the set ``{1, 450, 0*dollars}``). ``\\$`` and bare
-  ``$`` are removed as well, so that the ``$...$`` wrapper added for parsing
-  stays well formed.
-- Cheap, meaning-preserving rewrites also done in :func:`normalize_answer` so that
-  the result does not depend on Math-Verify's internals: ``\\dfrac``/``\\tfrac`` ->
-  ``\\frac``, ``^\\circ`` removed, ``{,}`` -> ``,`` and ``\\!`` removed with the
-  spaces around it (needed for the thousands rule below on ``1,\\!450,\\!000``).
-- Thousands separators are removed by :func:`normalize_answer` only when the WHOLE
-  answer is one number whose commas separate proper 3-digit groups
-  (``-1,450,000.5``). Anything else is left alone, so ``(1,234)`` stays an
-  interval/tuple and ``\\{1,2,3\\}`` a set. ``1,45`` is therefore NOT read as 145:
-  Math-Verify parses it as the set ``{1, 45}``, which does not match gold ``145``
-  (a malformed number is graded wrong rather than guessed).
+maj@k (:func:`majority_vote`), as the original's ``equivalence_partition`` and
+``compute_majority_vote_correct``: every prediction, ``''`` included, goes into the
+first class whose representative (its first member) relates to it, where
+relation(representative, new) = ``match_fn(gold=new, pred=representative)`` (note the
+order: a later ``x<2`` joins an earlier ``(-\\infty,2)``, not the reverse). ``''``
+relates to nothing, so each ``''`` is a class of its own, and can tie. The largest
+class wins; a tie is broken at random among the tied classes (the original uses
+``np.random.choice``; here a ``random.Random`` is passed, so that results are
+reproducible), or, with ``strict_tie_breaking``, any tie counts as wrong. The vote is
+correct when the winner's representative is graded correct against gold.
+pass@k (:func:`pass_at_k`): any response graded correct.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ import threading
 from functools import lru_cache
 from typing import Any, Callable
 
+import math_verify.grader
+import math_verify.parser
+import math_verify.utils
 from math_verify import parse, verify
 
 from utils.registry import choose
@@ -57,12 +63,14 @@ from utils.registry import choose
 __all__ = [
     "DATASET_TYPES",
     "MATCH_FNS",
+    "equivalence_partition",
     "extract_boxed",
     "grade",
     "is_equiv",
     "majority_vote",
     "normalize_answer",
     "pass_at_k",
+    "process_sample",
     "reference_answer",
 ]
 
@@ -173,7 +181,8 @@ _DEGREE_RE = re.compile(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)")
 def normalize_answer(s: str) -> str:
     """Light, meaning-preserving clean-up of an answer before Math-Verify.
 
-    Used only by the ``symbolic`` matcher (on gold and prediction alike):
+    Used only by the ``symbolic_normalized`` matcher (on gold and prediction alike),
+    never by ``symbolic`` (the original's grader):
 
     - remove ``\\$`` and ``$``;
     - ``\\dfrac``/``\\tfrac`` -> ``\\frac``; remove ``^\\circ``/``^{\\circ}``;
@@ -209,6 +218,25 @@ def _timeouts() -> tuple[int | None, int | None]:
     return None, None
 
 
+_LIBRARY_TIMEOUT = math_verify.utils.timeout
+
+
+def _thread_aware_timeout(timeout_seconds: int | None = 10) -> Callable[[Callable], Callable]:
+    """Math-Verify 0.7.0's ``timeout`` decorator in the main thread; no timeout elsewhere.
+
+    0.7.0 always arms SIGALRM, so in a worker thread (or with ``None``) ``parse`` logs an
+    error and returns nothing, i.e. every answer would be graded wrong. Main-thread
+    grading is unchanged (the original's)."""
+    if timeout_seconds is not None and threading.current_thread() is threading.main_thread():
+        return _LIBRARY_TIMEOUT(timeout_seconds=timeout_seconds)
+    return lambda func: func
+
+
+# parse and verify look ``timeout`` up in their module at each call.
+math_verify.parser.timeout = _thread_aware_timeout
+math_verify.grader.timeout = _thread_aware_timeout
+
+
 @lru_cache(maxsize=8192)
 def _parse(answer: str, parsing_timeout: int | None) -> tuple[Any, ...]:
     """Math-Verify parse of ``$answer$`` (cached: majority voting re-parses a lot)."""
@@ -222,10 +250,13 @@ def _strict_equiv(gold: str, pred: str) -> bool:
     return gold.strip() != "" and gold.strip() == pred.strip()  # an empty answer matches nothing
 
 
-def _symbolic_equiv(gold: str, pred: str) -> bool:
+def _math_verify(gold: str, pred: str) -> bool:
+    """``verify(gold=parse($gold$), target=parse($pred$))``; False on any failure."""
+    if gold == "" or pred == "":  # parse("$$") is empty: matches nothing (saves a parse)
+        return False
     parse_timeout, verify_timeout = _timeouts()
-    gold_parsed = _parse(normalize_answer(gold), parse_timeout)
-    pred_parsed = _parse(normalize_answer(pred), parse_timeout)
+    gold_parsed = _parse(gold, parse_timeout)
+    pred_parsed = _parse(pred, parse_timeout)
     if not gold_parsed or not pred_parsed:
         return False
     try:
@@ -234,9 +265,20 @@ def _symbolic_equiv(gold: str, pred: str) -> bool:
         return False
 
 
+def _symbolic_equiv(gold: str, pred: str) -> bool:
+    """The original's ``numeric_or_symbolic_correctness(pred, gold)``: no normalisation."""
+    return _math_verify(gold, pred)
+
+
+def _symbolic_normalized_equiv(gold: str, pred: str) -> bool:
+    """The project's former grader: :func:`normalize_answer` on both sides, then Math-Verify."""
+    return _math_verify(normalize_answer(gold), normalize_answer(pred))
+
+
 MATCH_FNS: dict[str, Callable[[str, str], bool]] = {
     "strict": _strict_equiv,
     "symbolic": _symbolic_equiv,
+    "symbolic_normalized": _symbolic_normalized_equiv,
 }
 
 
@@ -254,18 +296,37 @@ def is_equiv(gold: str, pred: str, match_fn_type: str = "symbolic") -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _prediction(response: str) -> str | None:
-    """The answer of a response: its last box, None when there is none or it is empty
-    (an empty box neither matches, not even an empty gold box, nor votes)."""
-    return extract_boxed(response) or None
+def process_sample(response: str) -> str:
+    """The answer of a response, as the original's ``process_sample``: its last box,
+    ``''`` when there is none or the last one is not closed (``''`` matches nothing)."""
+    return extract_boxed(response) or ""
 
 
 def grade(response: str, reference: str, dataset_type: str, match_fn_type: str = "symbolic") -> bool:
-    """Whether the last box of ``response`` (non-empty) matches the gold answer of ``reference``."""
+    """Whether the last box of ``response`` matches the gold answer of ``reference``
+    (``match_fn(gold, prediction)``; no box, or an empty one, is wrong)."""
     match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
     gold = reference_answer(reference, dataset_type)
-    pred = _prediction(response)
-    return pred is not None and match_fn(gold, pred)
+    return match_fn(gold, process_sample(response))
+
+
+def equivalence_partition(answers: list[str], match_fn_type: str = "symbolic") -> list[list[str]]:
+    """The original's ``equivalence_partition``: classes of ``answers``, in order of appearance.
+
+    An answer joins the first class whose representative (its first member) relates to
+    it, relation(representative, new) = ``match_fn(gold=new, pred=representative)``;
+    otherwise it opens a new class. ``''`` relates to nothing (a class of its own each time).
+    """
+    match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
+    classes: list[list[str]] = []
+    for answer in answers:
+        for cls in classes:
+            if match_fn(answer, cls[0]):
+                cls.append(answer)
+                break
+        else:
+            classes.append([answer])
+    return classes
 
 
 def majority_vote(
@@ -274,34 +335,27 @@ def majority_vote(
     dataset_type: str,
     match_fn_type: str = "symbolic",
     rng: random.Random | None = None,
+    strict_tie_breaking: bool = False,
 ) -> bool:
-    """maj@k correctness of ``responses``.
+    """maj@k correctness of ``responses`` (the original's ``compute_majority_vote_correct``).
 
-    Boxed answers are grouped into equivalence classes under ``match_fn_type`` (an
-    answer joins the first class whose representative, its first member, matches
-    it); unboxed responses do not vote. The largest class wins, ties broken with
-    ``rng`` (default ``random.Random(0)``); returns whether its representative
-    matches the gold answer. False when no response has a box.
+    The predictions (:func:`process_sample`, ``''`` included) are partitioned by
+    :func:`equivalence_partition`; the largest class wins, a tie broken with
+    ``rng.choice`` over the tied classes in order of appearance (default
+    ``random.Random(0)``), or counted wrong when ``strict_tie_breaking``. Returns whether
+    the winner's representative matches the gold answer. False for no responses.
     """
     match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
     gold = reference_answer(reference, dataset_type)
-    classes: list[list[Any]] = []  # [representative, count]
-    for response in responses:
-        pred = _prediction(response)
-        if pred is None:
-            continue
-        for cls in classes:
-            if match_fn(cls[0], pred):
-                cls[1] += 1
-                break
-        else:
-            classes.append([pred, 1])
+    classes = equivalence_partition([process_sample(r) for r in responses], match_fn_type)
     if not classes:
         return False
-    top = max(count for _, count in classes)
-    tied = [rep for rep, count in classes if count == top]
+    top = max(len(cls) for cls in classes)
+    tied = [cls for cls in classes if len(cls) == top]
+    if strict_tie_breaking and len(tied) > 1:
+        return False
     winner = (rng if rng is not None else random.Random(0)).choice(tied)
-    return match_fn(gold, winner)
+    return match_fn(gold, winner[0])
 
 
 def pass_at_k(

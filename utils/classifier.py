@@ -97,7 +97,11 @@ def expected_reward(logits: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
 
 
 def atom_index(targets: torch.Tensor, spec: ClassifierSpec) -> torch.Tensor:
-    """Index of the atom nearest to each target (long, same shape)."""
+    """Index of the atom nearest to each target (long, same shape), ties to the even index.
+
+    With the default atoms (11 in [0, 1]) this is the original's ``round(r * 10)`` clamped to
+    [0, 10] on float32, bit for bit; the original hard-codes that formula, so with other
+    ``num_atoms``/``V_min``/``V_max`` it bins wrongly, where this takes the nearest atom."""
     scaled = (targets.float() - spec.V_min) / (spec.V_max - spec.V_min) * (spec.num_atoms - 1)
     return scaled.round().clamp(0, spec.num_atoms - 1).long()
 
@@ -122,10 +126,15 @@ def reduce_loss(
 ) -> torch.Tensor:
     """Mean over each sequence's target positions, then over sequences that have any.
 
-    ``losses``, ``loss_mask`` and ``loss_weights`` are [batch, T]; a weight multiplies
-    its position's loss (the divisor stays the number of target positions).
+    ``losses`` and ``loss_mask`` are [batch, T]. ``loss_weights`` is [batch] (the original's
+    per-example weight: it multiplies the example's mean) or [batch, T] (a weight per
+    position; the divisor stays the number of target positions). As in the original, an
+    example of weight 0 still counts in the batch mean; unlike it, an example without any
+    target position is left out (the original's mean becomes NaN, 0/0).
     """
     mask = loss_mask.to(losses.dtype)
+    if loss_weights is not None and loss_weights.dim() == 1:
+        loss_weights = loss_weights[:, None]
     weighted = losses * mask if loss_weights is None else losses * mask * loss_weights.to(losses.dtype)
     counts = mask.sum(-1)  # [batch]
     per_sequence = weighted.sum(-1) / counts.clamp(min=1)
@@ -247,13 +256,19 @@ class QSharpClassifier(nn.Module):
         init_mode: str = "zero",
         dtype: str | torch.dtype | None = None,
         seed: int | None = None,
+        rank: int = 0,
     ) -> "QSharpClassifier":
         """A new classifier on the backbone of a causal LM (hub id, local path or model).
 
-        ``init_mode``: ``zero`` (head zeroed: every value is the same, guidance starts as
-        a uniform lift of the top-k), ``random`` (normal, std = the config's
-        ``initializer_range``), ``reuse`` (Q: the LM's ``lm_head`` rows, repeated over
-        atoms; V has no per-token rows to reuse and starts at zero).
+        ``init_mode`` acts on a Q head as in the original: ``zero`` (weight and bias 0),
+        ``random`` (the backbone's default init: normal with std = the config's
+        ``initializer_range``, bias 0), ``reuse`` (the LM's ``lm_head`` rows repeated per atom,
+        row ``v * A + a`` = ``lm_head[v]``, bias 0). The original ignores it for a V head, which
+        keeps the default init (normal, bias 0) under ``random`` and ``reuse``; ``zero`` zeroes
+        a V head here (the original leaves it at the default init too).
+
+        ``seed`` is the training ``--seed``: the draw is seeded with ``seed * 42 + rank * 100003``,
+        as the original's ``set_seed`` before loading, so the head comes out the same (float32, CPU).
         """
         choose("init_mode", init_mode, INIT_MODES)
         if isinstance(dtype, str):
@@ -262,19 +277,16 @@ class QSharpClassifier(nn.Module):
             lm = AutoModelForCausalLM.from_pretrained(lm, **({"dtype": dtype} if dtype else {}))
         elif dtype is not None:
             lm = lm.to(dtype)
-        model = cls(lm.base_model, spec)
+        model = cls(lm.base_model, spec)  # weight and bias 0
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed * 42 + rank * 100003)
         with torch.no_grad():
-            if init_mode == "random":
+            if init_mode == "random" or (init_mode == "reuse" and spec.classifier_type == "V"):
                 std = getattr(model.config, "initializer_range", 0.02)
                 model.score.weight.normal_(0.0, std)
-            elif init_mode == "reuse" and spec.classifier_type == "Q":
-                lm_head = lm.get_output_embeddings()
-                rows = lm_head.weight[: model.vocab_size]  # [vocab, H]
+            elif init_mode == "reuse":
+                rows = lm.get_output_embeddings().weight[: model.vocab_size]  # [vocab, H]
                 model.score.weight.copy_(rows.repeat_interleave(spec.num_outputs, dim=0))
-                if model.score.bias is not None and getattr(lm_head, "bias", None) is not None:
-                    model.score.bias.copy_(lm_head.bias[: model.vocab_size].repeat_interleave(spec.num_outputs))
         return model
 
     def save_pretrained(

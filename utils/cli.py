@@ -185,7 +185,10 @@ def sweep_values(args: argparse.Namespace, name: str) -> list:
     return values
 
 
-SETTINGS_FILE = "run_settings.json"
+# A dot-name: the original's globs (``<dir>/*.json`` in its combine, ``*_r<k>.json`` in its
+# eval) skip it, so either code's folders work with the other's scripts.
+SETTINGS_FILE = ".run_settings.json"
+LEGACY_SETTINGS_FILE = "run_settings.json"  # written by earlier versions; renamed on sight
 
 
 def _comparable(value: Any) -> Any:
@@ -197,19 +200,22 @@ def _comparable(value: Any) -> Any:
 
 def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Keep one run's files apart from another's: the first run records ``settings`` in
-    ``folder/run_settings.json``; a later run (a resume, another shard) must bring the same.
+    ``folder/.run_settings.json``; a later run (a resume, another shard) must bring the same.
 
     Raises ``ValueError`` naming every setting that differs, unless the folder holds no
     results yet (a first run that failed before writing any). Settings that do not change
     what is sampled (batch size, dtype, index range, number of repeats) are left out by the caller.
     """
     path = Path(folder) / SETTINGS_FILE
+    legacy = Path(folder) / LEGACY_SETTINGS_FILE
+    if legacy.is_file() and not path.exists():
+        os.replace(legacy, path)
     current = {name: _comparable(value) for name, value in settings.items()}
     # Results are looked for before the record is read: a concurrent run (another rank or
     # shard) records its settings before it writes any result, so results seen here come
     # with their settings already on disk. Ranks of one run bring identical settings, and an
     # identical record written twice is harmless (atomic writes).
-    holds_results = any(p.name != SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
+    holds_results = any(p.name != LEGACY_SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
     if path.is_file():
         saved = read_json(path)
         differ = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]

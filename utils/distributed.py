@@ -7,7 +7,8 @@ single-process run and writes the same per-problem files. Each rank runs on its 
 (:func:`process_device`: ``cuda:LOCAL_RANK``, else the CPU). Ranks share nothing but the
 output folder, except that evaluation waits for every rank (:func:`barrier`) before the
 main process aggregates. Training uses ``accelerate.Accelerator``; on a machine without
-CUDA it must be told to use the CPU (:func:`accelerator_cpu`).
+CUDA it must be told to use the CPU (:func:`accelerator_cpu`), and each epoch of its
+sharded training loader is started with :func:`set_loader_epoch`.
 
 Rank, world size and local rank come from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``
 variables that the launchers set; without them a run is one process of one.
@@ -104,6 +105,30 @@ def accelerator_cpu(process: Process) -> bool:
     without CUDA. Without it ``accelerate`` ignores the launch (each process would train
     alone, every one writing the checkpoints); with it the processes join over gloo."""
     return process.distributed and not torch.cuda.is_available()
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell a (prepared) training loader and every sampler behind it that epoch ``epoch`` begins.
+
+    ``accelerate``'s ``DataLoaderShard.set_epoch`` passes the epoch to its batch sampler and
+    to a ``sampler`` under it, but on several processes that batch sampler is a
+    ``BatchSamplerShard`` wrapping ours (``TokenBudgetBatchSampler``), which it never
+    reaches: every epoch would repeat the first one's batches. This follows the public
+    ``batch_sampler`` / ``sampler`` attributes down from ``loader`` and calls ``set_epoch``
+    on each object that has one (a sampler that accelerate reaches as well, and accelerate
+    again when iteration starts, gets the same epoch twice, which changes nothing).
+    Samplers without ``set_epoch`` (a seeded ``RandomSampler`` draws a new order from its
+    generator) are left alone.
+    """
+    seen, todo = set(), [loader]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(epoch)
+        todo.extend(getattr(obj, name, None) for name in ("sampler", "batch_sampler"))
 
 
 def barrier(process: Process) -> None:

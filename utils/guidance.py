@@ -7,22 +7,27 @@ added to the *raw* reference logit of each of the ``top_k`` most likely tokens i
 mode           offset                                              classifier target
 =============  ==================================================  =======================
 bernoulli      log(1 - p + p e^eta) = softplus(eta + l) - softplus(l)   R in {0, 1} (bce)
-mle            logsumexp_j(log pmf_j + eta * atom_j)                R binned to atoms
-expectation    log p = logsigmoid(l)                               exp(eta R) in [0, 1]
+mle            logsumexp_j(log pmf_j + eta * atom_j) - row minimum  R binned to atoms
+expectation    log p = logsigmoid(l)  (eta not used)               exp(eta R) in [0, 1]
 cd             eta * E[R]  (Controlled-Decoding baseline)          R
 disabled       0                                                   --
 =============  ==================================================  =======================
 
-The offset is added before temperature and top-p (``generate`` runs user processors
-before its warpers), so the effective strength at temperature T is eta / T, as in the
-original code. ``eta == 0`` and ``disabled`` are exact no-ops that never run the classifier.
+As in the original code: the mle offset is shifted by its minimum over each row's
+candidates, so the lowest candidate keeps its reference logit (with ``top_k`` < vocabulary
+this changes the distribution, not only a constant); ``expectation`` ignores eta, so at
+``eta == 0`` it still adds ``logsigmoid(l)`` (evaluation switches eta 0 to ``disabled``,
+collection does not). The offset is added before temperature and top-p (``generate`` runs
+user processors before its warpers), so the effective strength at temperature T is eta / T.
+``disabled``, and ``eta == 0`` in every mode but ``expectation``, are exact no-ops that
+never run the classifier.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor, TopPLogitsWarper
 
 from utils.models import attention_window, response_lengths
 from utils.classifier import ClassifierSpec, QSharpClassifier, expected_reward, position_ids_from_mask
@@ -41,22 +46,34 @@ def resolve_guidance_mode(inference_mode: str, loss_type: str, cd_baseline: bool
     choose("inference_mode", inference_mode, INFERENCE_MODES)
     if inference_mode == "disabled":
         return "disabled"
-    if cd_baseline:
-        return "cd"
-    if loss_type == "mle":
+    if loss_type == "mle":  # the original reads an mle head as a distribution whatever the other flags say
+        if cd_baseline:
+            raise ValueError("--cd_baseline 1 needs a scalar head (--loss_type bce or mse): the original silently "
+                             "guides an mle head with the distributional offset instead")
         if inference_mode == "expectation":
             raise ValueError("--inference_mode expectation needs a scalar head (--loss_type bce or mse), not mle")
         return "mle"
+    if cd_baseline:
+        return "cd"
     if inference_mode == "mle":
         raise ValueError(f"--inference_mode mle needs --loss_type mle, got --loss_type {loss_type}")
     return inference_mode
 
 
+def is_noop_guidance(mode: str, eta: float) -> bool:
+    """True when guidance leaves the reference logits unchanged: ``disabled``, or eta 0 in a mode
+    whose offset scales with eta (every mode but ``expectation``, whose offset ignores eta)."""
+    return mode == "disabled" or (eta == 0 and mode != "expectation")
+
+
 def guidance_offsets(logits: torch.Tensor, mode: str, eta: float, spec: ClassifierSpec) -> torch.Tensor:
-    """Logit offsets [...] from classifier head logits [..., A] (computed in float32)."""
+    """Logit offsets [batch, k] of each row's k candidates from head logits [batch, k, A] (float32).
+
+    mle offsets are shifted by the row's minimum over its candidates, as in the original.
+    """
     choose("guidance mode", mode, GUIDANCE_MODES)
     logits = logits.float()
-    if mode == "disabled" or eta == 0:
+    if is_noop_guidance(mode, eta):
         return torch.zeros(logits.shape[:-1], device=logits.device)
     if mode == "bernoulli":
         return F.softplus(eta + logits[..., 0]) - F.softplus(logits[..., 0])
@@ -65,16 +82,36 @@ def guidance_offsets(logits: torch.Tensor, mode: str, eta: float, spec: Classifi
     if mode == "cd":
         return eta * expected_reward(logits, spec)
     atoms = spec.atoms(logits.device)  # mle
-    return torch.logsumexp(logits.log_softmax(-1) + eta * atoms, dim=-1)
+    offsets = torch.logsumexp(logits.log_softmax(-1) + eta * atoms, dim=-1)  # [batch, k]
+    if offsets.shape[-1] == 0:
+        return offsets
+    return offsets - offsets.min(dim=-1, keepdim=True).values
 
 
-def kl_divergence(guided: torch.Tensor, reference: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(guided / T) || softmax(reference / T)) per row, [batch] from [batch, vocab].
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``logits`` [batch, vocab] with the tokens outside the nucleus at -inf, exactly as
+    ``generate`` samples them (transformers' ``TopPLogitsWarper``, ``min_tokens_to_keep=1``);
+    ``top_p >= 1`` returns them unchanged."""
+    if top_p >= 1.0:
+        return logits
+    return TopPLogitsWarper(top_p, min_tokens_to_keep=1)(None, logits)
 
-    Tokens masked to -inf in both (by other logits processors) contribute nothing.
+
+def kl_divergence(
+    guided: torch.Tensor, reference: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The original evaluation's KL per row, [batch] from raw logits [batch, vocab]:
+    KL(softmax(s) || softmax(reference / T)) with ``s = top_p(guided / T)``.
+
+    ``s`` is what ``generate`` samples from (and records as its scores): the guided logits
+    after temperature, then top-p with the tokens outside the nucleus at -inf, which add
+    nothing. The reference side has no top-p, so at ``top_p < 1`` even the reference policy
+    itself (``guided == reference``) has KL > 0, about -log(nucleus mass). ``top_p=1`` gives
+    KL(softmax(guided / T) || softmax(reference / T)), the KL of the policies before top-p.
     """
-    log_p = torch.log_softmax(guided.float() / temperature, dim=-1)
-    log_q = torch.log_softmax(reference.float() / temperature, dim=-1)
+    scaled = guided.float() / temperature if temperature != 1.0 else guided.float()
+    log_p = torch.log_softmax(top_p_filter(scaled, top_p), dim=-1)
+    log_q = torch.log_softmax(reference.float() / temperature if temperature != 1.0 else reference.float(), dim=-1)
     terms = log_p.exp() * (log_p - log_q)
     return torch.where(log_p > float("-inf"), terms, torch.zeros_like(terms)).sum(-1)
 
@@ -98,6 +135,9 @@ class QSharpLogitsProcessor(LogitsProcessor):
     from the classifier's batch and keep their reference logits: their next tokens are
     padding anyway.
 
+    With ``kl_temperature`` set, every step also records the original evaluation's KL
+    (:func:`kl_divergence` at that temperature and ``kl_top_p``), a no-op guidance included.
+
     ``top_k=-1`` guides every token (with a V head that is one candidate per vocabulary
     entry and row: practical only for small vocabularies). Candidate ids beyond the
     classifier's vocabulary (reference logits wider than the classifier's embedding) are
@@ -114,6 +154,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         pad_token_id: int | None = None,
         kl_temperature: float | None = None,
         stop_ids: list[int] | None = None,
+        kl_top_p: float = 1.0,
     ):
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
@@ -129,6 +170,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self.classifier = classifier
         self._window, self._mixed = (None, False) if self.is_noop else attention_window(classifier.config)
         self.kl_temperature = kl_temperature
+        self.kl_top_p = float(kl_top_p)
         self.stop_ids = None if stop_ids is None else list(stop_ids)
         self._block_key = None  # (k, dtype, device) of the cached candidate mask block
         self.reset()
@@ -136,7 +178,12 @@ class QSharpLogitsProcessor(LogitsProcessor):
     @property
     def is_noop(self) -> bool:
         """True when guidance leaves the reference logits unchanged (classifier never runs)."""
-        return self.mode == "disabled" or self.eta == 0
+        return is_noop_guidance(self.mode, self.eta)
+
+    @property
+    def records_kl(self) -> bool:
+        """True when each step's KL is recorded (``kl_temperature`` set)."""
+        return self.kl_temperature is not None
 
     def reset(self, attention_mask: torch.Tensor | None = None, stop_ids: list[int] | None = None) -> None:
         """Forget the cache; ``attention_mask`` [batch, prompt_len] is the next prompt's mask,
@@ -149,29 +196,43 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._next_pos = None  # [active, 1] position id of the next token of each active row
         self._rows = None  # [active] batch rows still generating (None until the prompt is read)
         self._stops = None  # stop ids as a tensor on the prompt's device
-        self._kl_steps: list[torch.Tensor] = []
+        self._kl_steps: list[torch.Tensor] = []  # the original's KL (after top-p) of each step, [batch]
+        self._kl_plain_steps: list[torch.Tensor] = []  # the same before top-p
         if stop_ids is not None:
             self.stop_ids = list(stop_ids)
 
-    def kl_per_step(self) -> torch.Tensor:
+    def kl_per_step(self, before_top_p: bool = False) -> torch.Tensor:
         """KL(guided || reference) of every decoding step since the last reset, [batch, steps].
 
-        Recorded only with ``kl_temperature`` set: both next-token distributions at that
-        temperature (before top-p), from the logits at hand while decoding, so no second
-        forward pass is needed. Steps after a sequence ended are included (KL 0 once the
-        row is dropped); mask them with the response lengths.
+        Recorded only with ``kl_temperature`` set, from the logits at hand while decoding (no
+        second forward pass): :func:`kl_divergence` at ``kl_temperature`` and ``kl_top_p``, the
+        original evaluation's definition; ``before_top_p`` gives it at top_p 1. Steps after a
+        sequence ended are included; mask them with the response lengths.
         """
-        if not self._kl_steps:
+        steps = self._kl_plain_steps if before_top_p else self._kl_steps
+        if not steps:
             raise ValueError("no KL recorded: create the processor with kl_temperature and run it first")
-        return torch.stack(self._kl_steps, dim=1)
+        return torch.stack(steps, dim=1)
+
+    def _record_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> None:
+        """Append this step's KL of the guided against the reference logits (both raw, [batch, vocab])."""
+        self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature, self.kl_top_p))
+        self._kl_plain_steps.append(
+            self._kl_steps[-1] if self.kl_top_p >= 1.0 else kl_divergence(guided, scores, self.kl_temperature)
+        )
 
     # ---- per-step entry point
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.is_noop:
-            return scores
         if torch.is_grad_enabled():  # called outside generate(), which disables gradients itself
             with torch.no_grad():
                 return self(input_ids, scores)
+        guided = scores if self.is_noop else self._guide(input_ids, scores)
+        if self.records_kl:
+            self._record_kl(guided, scores)
+        return guided
+
+    def _guide(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """The guided logits [batch, vocab]: ``scores`` with the offsets on each row's candidates."""
         vocab = min(scores.shape[-1], self.classifier.vocab_size)
         k = vocab if self.top_k == -1 else min(self.top_k, vocab)
         full_q = k == vocab and self.classifier.spec.classifier_type == "Q"
@@ -185,8 +246,6 @@ class QSharpLogitsProcessor(LogitsProcessor):
             guided.scatter_add_(1, candidates, offsets)
         else:  # only the active rows get offsets
             guided[rows] = scores[rows].scatter_add(1, candidates[rows], offsets)
-        if self.kl_temperature is not None:
-            self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature))
         return guided
 
     # ---- classifier calls
@@ -351,7 +410,7 @@ def generate_responses(
     up to and including its first stop id.
     """
     processors = []
-    if processor is not None and not processor.is_noop:
+    if processor is not None and (not processor.is_noop or processor.records_kl):
         processor.reset(batch["attention_mask"], stop_ids=stop_ids)
         processors.append(processor)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}

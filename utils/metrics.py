@@ -8,7 +8,7 @@ NumPy arrays, must have the same shape and are flattened. Empty inputs raise
 
 - :func:`explained_variance`: ``1 - Var(target - pred) / Var(target)`` (ignores a constant bias).
 - :func:`r2_score`: ``1 - SS_res / SS_tot`` (penalises a constant bias).
-- :func:`binary_accuracy`: agreement of ``pred >= threshold`` and ``target >= threshold``.
+- :func:`binary_accuracy`: agreement of ``pred > threshold`` and ``target > threshold`` (strict, as the original).
 - :func:`roc_auc`: Mann-Whitney U from average ranks (ties count 1/2), targets ``>= 0.5`` positive.
 - :func:`eval_metrics`: the dict of ``"<prefix>Eval ..."`` scalars that gets logged.
 
@@ -68,9 +68,11 @@ def r2_score(pred: ArrayLike, target: ArrayLike) -> float:
 
 
 def binary_accuracy(pred: ArrayLike, target: ArrayLike, threshold: float = 0.5) -> float:
-    """Fraction of positions where ``pred >= threshold`` agrees with ``target >= threshold``."""
+    """Fraction of positions where ``pred > threshold`` agrees with ``target > threshold``.
+
+    Strictly greater, as the original (a prediction of exactly 0.5 counts as 0)."""
     p, t = _pair(pred, target)
-    return float(np.mean((p >= threshold) == (t >= threshold)))
+    return float(np.mean((p > threshold) == (t > threshold)))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:
@@ -103,7 +105,7 @@ def eval_metrics(pred: ArrayLike, target: ArrayLike, loss: float, bernoulli: boo
 
     Keys: ``Eval Loss``, ``Eval Explained Variance``, ``Eval R^2``, ``Eval Prediction Min``,
     ``Eval Prediction Max``, ``Eval Prediction Mean``; with ``bernoulli`` also
-    ``Eval Accuracy`` (threshold 0.5) and ``Eval ROC-AUC``.
+    ``Eval Accuracy`` (pred > 0.5) and ``Eval ROC-AUC`` (training passes ``bernoulli`` for any head, mle too).
     """
     p, t = _pair(pred, target)
     metrics = {

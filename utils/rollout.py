@@ -6,7 +6,7 @@ import torch
 
 from utils.answers import grade
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.guidance import QSharpLogitsProcessor, generate_responses
+from utils.guidance import QSharpLogitsProcessor, generate_responses, is_noop_guidance, resolve_guidance_mode
 from utils.models import check_classifier_vocab, default_device, format_prompts, tokenize_texts
 
 
@@ -57,8 +57,9 @@ def collect_batch(
 
     Roll-in: a full response from the guided policy (``processor``). Cut at ``c`` uniform
     in ``[0, len)`` (len counts the stop token). Roll-out: the reference policy completes
-    prompt + the first ``c + 1`` response tokens (skipped when that is the whole response),
-    within the same ``max_new_tokens`` budget. Reward: correctness of prefix + roll-out.
+    prompt + the first ``c + 1`` response tokens (skipped when that is the whole response)
+    with a fresh budget of ``max_new_tokens`` new tokens, as the original (prefix + roll-out
+    can reach ``c + 1 + max_new_tokens`` tokens). Reward: correctness of prefix + roll-out.
     Returns, per problem, the lists of one repeat (one entry each).
     """
     device = ref_model.device
@@ -75,14 +76,12 @@ def collect_batch(
     rollouts: dict[int, list[int]] = {}
     if rollout_rows:
         partial = left_pad([prompts[row] + responses[row, : cuts[row]].tolist() for row in rollout_rows], pad, device)
-        budget = max_new_tokens - min(cuts[row] for row in rollout_rows)
         rollout_ids, rollout_lengths = generate_responses(
-            ref_model, partial, stop_ids, pad, budget, temperature, top_p, processor=None
+            ref_model, partial, stop_ids, pad, max_new_tokens, temperature, top_p, processor=None
         )
         rollout_ids = rollout_ids.cpu()
         for index, row in enumerate(rollout_rows):
-            keep = min(int(rollout_lengths[index]), max_new_tokens - cuts[row])
-            rollouts[row] = rollout_ids[index, :keep].tolist()
+            rollouts[row] = rollout_ids[index, : int(rollout_lengths[index])].tolist()
 
     results = []
     for row, record in enumerate(records):
@@ -121,32 +120,40 @@ def sample_batch(
     max_new_tokens: int,
     stop_ids: list[int],
 ) -> list[dict]:
-    """One guided sample per problem: response text, token count and KL(guided || reference).
+    """One guided sample per problem, with the original's per-sample fields.
 
-    The KL is recorded while decoding (``processor`` created with ``kl_temperature``), summed
-    over the response's tokens (``kl``) and averaged per token (``kl_per_token``); a no-op
-    guidance has KL 0.
+    ``input_ids`` (the prompt, unpadded), ``output_ids`` (the response up to and including
+    its stop id), ``prediction`` (the response text), ``num_response_tokens``, and the KL
+    recorded while decoding (``processor`` created with ``kl_temperature``, which a no-op
+    guidance records too): ``token_kl`` (one value per response token) and ``traj_kl``
+    (their sum), the original evaluation's definition (see ``utils.guidance.kl_divergence``),
+    and ``traj_kl_before_top_p``, the same sum at top_p 1. Without KL recording all are 0.
     """
-    _, _, responses, lengths = roll_in(
+    _, batch, responses, lengths = roll_in(
         ref_model, tokenizer, records, processor, use_chat_template=use_chat_template, temperature=temperature,
         top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
     )
-    if processor is None or processor.is_noop:
-        kl_steps = torch.zeros(responses.shape, dtype=torch.float32)
-    else:
+    if processor is not None and processor.records_kl:
         kl_steps = processor.kl_per_step().cpu()  # [batch, steps]
-    steps = torch.arange(kl_steps.shape[1])[None, :]
-    kl_steps = kl_steps * (steps < lengths.cpu()[:, None])
+        plain_steps = processor.kl_per_step(before_top_p=True).cpu()  # [batch, steps]
+    else:
+        kl_steps = plain_steps = torch.zeros(responses.shape, dtype=torch.float32)
+    prompts = unpadded_prompts(batch)
+    responses = responses.cpu()
     results = []
     for row in range(len(records)):
         length = int(lengths[row])
-        kl = float(kl_steps[row].sum())
+        output_ids = responses[row, :length].tolist()
+        token_kl = kl_steps[row, :length]
         results.append(
             {
-                "prediction": tokenizer.decode(responses[row, :length].tolist(), skip_special_tokens=True),
+                "input_ids": prompts[row],
+                "output_ids": output_ids,
+                "prediction": tokenizer.decode(output_ids, skip_special_tokens=True),
                 "num_response_tokens": length,
-                "kl": kl,
-                "kl_per_token": kl / max(length, 1),
+                "token_kl": token_kl.tolist(),
+                "traj_kl": float(token_kl.sum()),
+                "traj_kl_before_top_p": float(plain_steps[row, :length].sum()),
             }
         )
     return results
@@ -159,17 +166,22 @@ def make_processor(
     checkpoint: str | None,
     cd_baseline: bool = False,
     kl_temperature: float | None = None,
+    kl_top_p: float = 1.0,
+    disabled: bool = False,
     device: str | torch.device | None = None,
 ) -> QSharpLogitsProcessor:
     """The guidance of collection/evaluation from the script flags, its classifier on ``device``
     (default: the first GPU, else the CPU).
 
     ``checkpoint`` None builds a zero head on ``args.classifier_model_id`` (round 1).
-    A no-op guidance (eta 0 or ``disabled``) loads no classifier at all.
+    A no-op guidance (``disabled``, or eta 0 except with ``expectation``, whose offset
+    ignores eta, as in the original) loads no classifier at all; ``disabled=True`` forces
+    it (evaluation at eta 0, as the original's eval script).
     """
-    common = {"pad_token_id": tokenizer.pad_token_id, "kl_temperature": kl_temperature}
-    if args.eta == 0 or args.inference_mode == "disabled":
-        return QSharpLogitsProcessor(None, 0.0, args.top_k, **common)
+    common = {"pad_token_id": tokenizer.pad_token_id, "kl_temperature": kl_temperature, "kl_top_p": kl_top_p}
+    mode = resolve_guidance_mode(args.inference_mode, args.loss_type, cd_baseline)
+    if disabled or is_noop_guidance(mode, args.eta):
+        return QSharpLogitsProcessor(None, 0.0, args.top_k, "disabled", **common)
     spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
     source = args.classifier_model_id if checkpoint is None else checkpoint
     check_classifier_vocab(tokenizer, source)  # before any weights are read

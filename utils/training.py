@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -36,23 +35,35 @@ def merge_rounds(paths: list[str | os.PathLike]) -> list[dict]:
 
 
 def reward_targets(
-    correctness: np.ndarray, inference_mode: str, eta: float, shift_reward: float, scale_reward: float, spec: ClassifierSpec
+    correctness: np.ndarray,
+    inference_mode: str,
+    eta: float,
+    shift_reward: float,
+    scale_reward: float,
+    spec: ClassifierSpec,
+    cd_baseline: bool = False,
 ) -> np.ndarray:
-    """Regression targets from 0/1 correctness.
+    """Regression targets from 0/1 correctness, as the original computes them.
 
-    The reward is ``R = scale_reward * correctness + shift_reward``; the target is R, or
-    ``exp(eta * R)`` with ``--inference_mode expectation``. bce/mse targets must lie in
-    [0, 1] and mle targets in [V_min, V_max]; anything else is a configuration error.
+    The reward is ``R = correctness - shift_reward`` (the shift is subtracted); the target
+    is ``exp(eta * R)`` with ``--inference_mode expectation`` and ``--cd_baseline 0``, else R
+    itself (also expectation with cd_baseline). ``scale_reward`` is accepted and ignored,
+    as in the original, which parses ``--scale_reward`` but never uses it. bce/mse targets
+    must lie in [0, 1] and mle targets in [V_min, V_max] (the original asserts [0, 1]);
+    anything else is a configuration error (ValueError).
     """
-    reward = scale_reward * correctness.astype(np.float64) + shift_reward
-    target = np.exp(eta * reward) if inference_mode == "expectation" else reward
+    del scale_reward  # unused, as in the original
+    reward = correctness.astype(np.float64) - shift_reward
+    exponentiate = inference_mode == "expectation" and not cd_baseline
+    target = np.exp(eta * reward) if exponentiate else reward
     low, high = (spec.V_min, spec.V_max) if spec.loss_type == "mle" else (0.0, 1.0)
     if target.size and (target.min() < low - 1e-9 or target.max() > high + 1e-9):
-        what = "exp(eta * R)" if inference_mode == "expectation" else "R"
+        what = "exp(eta * R)" if exponentiate else "R"
         raise ValueError(
             f"targets {what} span [{target.min():g}, {target.max():g}], outside [{low:g}, {high:g}] required by "
-            f"--loss_type {spec.loss_type} (R = {scale_reward:g} * correctness + {shift_reward:g}, eta {eta:g}); "
-            "adjust --shift_reward/--scale_reward/--eta or --V_min/--V_max"
+            f"--loss_type {spec.loss_type} (R = correctness - {shift_reward:g}, eta {eta:g}, inference_mode "
+            f"{inference_mode}, cd_baseline {int(bool(cd_baseline))}); the recipes: expectation with --shift_reward 1 (targets exp(-eta) and 1), "
+            "bernoulli or expectation with --cd_baseline 1 with --shift_reward 0"
         )
     return target
 
@@ -73,7 +84,8 @@ def build_examples(
 
     Input = roll-in ids without their last token; labelled tokens = that last token, plus
     the roll-out ids with ``use_all_ref_tokens``. ``max_length`` (> 0) truncates the
-    sequence; an example whose labelled tokens all fall beyond it is dropped.
+    sequence; an example whose labelled tokens all fall beyond it (partial prompt longer than
+    ``max_length``) is dropped, so a sequence of exactly ``max_length`` tokens is kept whole.
     """
     examples = []
     for record, targets in zip(records, targets_of):
@@ -107,14 +119,17 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
 
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler):
-    """Batches whose padded size (rows x longest sequence) stays within ``max_tokens``.
+    """Batches whose padded size (rows x longest sequence) stays within ``max_tokens`` and,
+    with ``max_rows`` (the original's ``--batch_size`` cap), that have at most ``max_rows`` rows.
 
     Examples are shuffled each epoch (``set_epoch``) and then grouped greedily; a single
     sequence longer than the budget forms a batch of its own.
     """
 
-    def __init__(self, lengths: list[int], max_tokens: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, lengths: list[int], max_tokens: int, shuffle: bool = True, seed: int = 0,
+                 max_rows: int | None = None):
         self.lengths, self.max_tokens, self.shuffle, self.seed, self.epoch = lengths, max_tokens, shuffle, seed, 0
+        self.max_rows = max_rows
         self._batches = self._make()
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,7 +143,8 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         batches, current, longest = [], [], 0
         for index in order.tolist():
             longest_if_added = max(longest, self.lengths[index])
-            if current and longest_if_added * (len(current) + 1) > self.max_tokens:
+            full = self.max_rows is not None and len(current) >= self.max_rows
+            if current and (full or longest_if_added * (len(current) + 1) > self.max_tokens):
                 batches.append(current)
                 current, longest_if_added = [], self.lengths[index]
             current.append(index)
@@ -145,9 +161,10 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
 
 
 def split_examples(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out): ``int(ratio * n)`` held out at random."""
+    """Indices (kept, held out): ``n - int(n * (1 - ratio))`` held out at random (the original's
+    count; it can exceed ``int(ratio * n)`` by one through float rounding, e.g. n 3, ratio 0.3)."""
     order = np.random.RandomState(seed).permutation(n)
-    held = int(math.floor(ratio * n))
+    held = n - int(n * (1 - ratio))
     return np.sort(order[held:]), np.sort(order[:held])
 
 
