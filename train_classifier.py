@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup
 
+from utils.answers import MATCH_FNS
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import ARGS_FILE, ArgumentParser, int01, run
 from utils.data import remove_stale_temporaries, write_json
@@ -190,7 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=1.0,
                    help="expectation targets exp(eta * R); becomes the default eta of the next collection and eval")
     p.add_argument("--top_k", type=int, default=-1, help="recorded for reference (collection/eval use their own --top_k)")
-    p.add_argument("--match_fn_type", type=str, default="symbolic", choices=list(__import__("utils.answers", fromlist=["MATCH_FNS"]).MATCH_FNS), help="recorded for eval")
+    p.add_argument("--match_fn_type", type=str, default="symbolic", choices=list(MATCH_FNS),
+                   help="recorded for collection/eval")
     p.add_argument("--output_dir", type=str, default="checkpoints/temp/", help="args.json and ckpt_<step>/ go here")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--num_epochs", type=int, default=3, help="passes over the training examples")

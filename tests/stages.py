@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from utils.problems import COLLECTED_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
+RESULT_NAME = re.compile(r"\d+_r\d+\.json")
 
 
 def stage(workdir: Path, script: str, *args: str) -> str:
@@ -64,3 +66,23 @@ def check_eval(checkpoint: Path, tag: str, num_problems: int, num_samples: int) 
     assert stats["pass_k_accuracy_mean"] >= stats["single_sample_accuracy_mean"]
     assert stats["kl_mean"] >= 0.0
     return stats
+
+
+def check_original_globs(collect_dir: Path, sample_dir: Path, num_samples: int) -> None:
+    """The folders pass through the original's scripts: its combine reads every
+    ``<dir>/*.json`` as a collected problem (it crashed on a settings file there), its eval
+    every ``*_r<k>.json`` of a sample folder as a sample with the original's fields."""
+    import glob
+
+    collected = glob.glob(f"{collect_dir}/*.json")
+    assert collected and all(RESULT_NAME.fullmatch(Path(path).name) for path in collected)
+    for path in collected:
+        data = json.loads(Path(path).read_text())
+        assert "problem" in data and all(field in data for field in COLLECTED_FIELDS)
+    for repeat in range(num_samples):
+        samples = glob.glob(f"{sample_dir}/*_r{repeat}.json")
+        assert samples and all(RESULT_NAME.fullmatch(Path(path).name) for path in samples)
+        for path in samples:
+            sample = json.loads(Path(path).read_text())
+            assert {"input_ids", "output_ids", "prediction", "token_kl", "traj_kl"} <= set(sample)
+            assert len(sample["token_kl"]) == len(sample["output_ids"])

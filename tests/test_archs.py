@@ -126,7 +126,7 @@ def check_collected(folder: Path, records: list[dict], tokenizer, problems: int,
         partial = item["partial_guided_prompts_tokenized"][0]
         kept = item["num_response_tokens_in_partial_guided_prompts"][0]
         rollout = item["partial_guided_responses_tokenized"][0]
-        assert 1 <= kept <= MAX_NEW_TOKENS and kept + len(rollout) <= MAX_NEW_TOKENS
+        assert 1 <= kept <= MAX_NEW_TOKENS and len(rollout) <= MAX_NEW_TOKENS  # a fresh roll-out budget
         assert all(isinstance(t, int) and 0 <= t < len(tokenizer) for t in partial + rollout)
         prompt = format_prompts(tokenizer, [record["prompt"]], use_chat_template=True)[0]
         assert partial[:-kept] == tokenizer(prompt, add_special_tokens=False).input_ids, name

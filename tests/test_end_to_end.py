@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
+from tests.stages import REPO, SHARED, check_collected, check_eval, check_original_globs, read_jsonl, stage
 from utils.problems import COLLECTED_FIELDS
 from utils.splits import build_split_map, write_split_map
 from utils.tiny_models import write_tiny_models
@@ -104,6 +104,8 @@ def test_two_rounds_v_bce_and_q_mle(workdir):
     assert "eta=10.0" in out
     guided = check_eval(v_checkpoints[-1], "eta_10.0_top_k_20_temp_0.8", NUM_TEST, 2)
     assert guided["kl_mean"] > 0
+    check_original_globs(workdir / "collected_data" / "tiny_gsm8k",
+                         v_checkpoints[-1] / "individual_eval_inference_eta_10.0_top_k_20_temp_0.8", 2)
     evaluate(workdir, v_checkpoints[-1], 0)  # the reference policy
     reference = check_eval(v_checkpoints[-1], "eta_0.0_top_k_20_temp_0.8", NUM_TEST, 2)
     assert reference["kl_before_top_p_mean"] == 0.0 and reference["kl_mean"] > 0  # top-p's -log(nucleus mass)
