@@ -51,6 +51,7 @@ from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import ARGS_FILE, ArgumentParser, int01, run
 from utils.data import remove_stale_temporaries, write_json
 from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
+from utils.guidance import resolve_guidance_mode
 from utils.metrics import eval_metrics
 from utils.models import check_classifier_vocab, load_tokenizer
 from utils.seeding import set_seed
@@ -228,8 +229,8 @@ def check_args(args, accelerator) -> None:
         raise ValueError("--init_mode warmstart and --classifier_ckpt_path go together")
     if args.classifier_ckpt_path is not None and args.resume_opt_scheduler is None:
         raise ValueError("--classifier_ckpt_path needs --resume_opt_scheduler 0 or 1")
-    if args.inference_mode == "mle" and args.loss_type != "mle":
-        raise ValueError("--inference_mode mle needs --loss_type mle")
+    # the guidance this classifier is for must exist (e.g. an mle head with --cd_baseline 1 is refused there)
+    resolve_guidance_mode(args.inference_mode, args.loss_type, bool(args.cd_baseline))
     if args.eta < 0:
         raise ValueError(f"--eta must be non-negative, got {args.eta}")
     for path in (args.original_problems_path, *args.data_paths):  # the first is recorded for collection and eval

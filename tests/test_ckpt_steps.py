@@ -21,10 +21,10 @@ import torch
 
 import train_classifier
 from tests.fake_collected import train_flags, write_fake_collected
+from tests.golden import GOLDEN
 from utils.classifier import QSharpClassifier
 from utils.cli import run
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 TRAIN_METRICS = {"Training Loss", "Learning Rate", "Steps per Min", "Gradient Norm"}
 
 # The worked example: checkpoint names after batches 1..10 (the original's) and the optimizer

@@ -207,15 +207,23 @@ def test_unknown_name_lists_valid_values(env, capsys, stage, flag, valid):
 
 
 def test_expectation_targets_outside_unit_interval(env, capsys):
-    argv = train_argv(env, "--loss_type", "mse", "--eta", "1", "--shift_reward", "1")
+    """The original's expectation recipe needs --shift_reward 1 (R = correctness - 1); without it
+    exp(eta * R) reaches e^eta."""
+    argv = train_argv(env, "--loss_type", "mse", "--eta", "1", "--shift_reward", "0")
     argv = replace(replace(argv, "--inference_mode", "expectation"), "--output_dir", str(env["root"] / "train_expectation"))
     error = fails(capsys, "train", argv)
-    assert "targets exp(eta * R) span [2.71828" in error and "outside [0, 1]" in error
+    assert "targets exp(eta * R) span [1, 2.71828]" in error and "outside [0, 1]" in error and "--shift_reward 1" in error
 
 
 def test_mle_inference_needs_mle_loss(env, capsys):
     assert "--inference_mode mle needs --loss_type mle" in fails(
         capsys, "train", replace(train_argv(env), "--inference_mode", "mle"))
+
+
+def test_cd_baseline_needs_a_scalar_head(env, capsys):
+    """The original silently guides an mle head with the distributional offset under --cd_baseline 1."""
+    argv = train_argv(env, "--loss_type", "mle", "--cd_baseline", "1")
+    assert "--cd_baseline 1 needs a scalar head" in fails(capsys, "train", argv)
 
 
 @pytest.fixture(scope="module")

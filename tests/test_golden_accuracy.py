@@ -8,13 +8,12 @@ is absent.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.golden import load_fixtures
 from utils.answers import (
     equivalence_partition,
     grade,
@@ -25,11 +24,7 @@ from utils.answers import (
     reference_answer,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "accuracy.json"
-if not GOLDEN.is_file():
-    pytest.skip(f"golden fixture not found at {GOLDEN}", allow_module_level=True)
-
-FIXTURE = json.loads(GOLDEN.read_text(encoding="utf-8"))
+(FIXTURE,) = load_fixtures("accuracy")
 CASES = FIXTURE["cases"]
 PAIRS = FIXTURE["pairs"]
 DATASET_TYPE = {"GSM8K": "gsm8k", "MATH": "math"}

@@ -7,29 +7,19 @@ reported. The module is skipped when ``../shared`` is absent (CI on a bare clone
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.golden import GOLDEN, fixture_spec, load_fixtures
 from utils.classifier import QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, kl_divergence, top_p_filter
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-if not (GOLDEN / "guided_logits.json").is_file():
-    pytest.skip("../shared/golden is absent", allow_module_level=True)
-
-GUIDED = json.loads((GOLDEN / "guided_logits.json").read_text())
-KL = json.loads((GOLDEN / "kl.json").read_text())
-SPEC_FIELDS = ("classifier_type", "loss_type", "use_bias", "num_atoms", "V_min", "V_max")
+GUIDED, KL = load_fixtures("guided_logits", "kl")
 
 
 def load_classifier(case: dict) -> QSharpClassifier:
     """The case's checkpoint, in the original's layout, with the head settings of its args.json."""
-    path = GOLDEN / case["model"]
-    args = json.loads((path.parent / "args.json").read_text())
-    return QSharpClassifier.from_pretrained(path, spec={k: args[k] for k in SPEC_FIELDS}, dtype="float32").eval()
+    return QSharpClassifier.from_pretrained(GOLDEN / case["model"], spec=fixture_spec(case["model"]), dtype="float32").eval()
 
 
 def drive(processor: QSharpLogitsProcessor, prompt: torch.Tensor, response: torch.Tensor, ref_scores: torch.Tensor):

@@ -9,31 +9,23 @@ Departures kept on purpose (README Faithfulness table), checked as such here:
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.golden import GOLDEN, fixture_spec, load_fixtures
 from utils.classifier import ClassifierSpec, QSharpClassifier, atom_index, expected_reward, per_position_loss, reduce_loss
 from utils.training import reward_targets
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-if not (GOLDEN / "losses.json").is_file():
-    pytest.skip(f"golden fixtures not found at {GOLDEN}", allow_module_level=True)
-
-LOSSES = json.loads((GOLDEN / "losses.json").read_text())
-TARGETS = json.loads((GOLDEN / "targets.json").read_text())
-HEAD_INIT = json.loads((GOLDEN / "head_init.json").read_text())
+LOSSES, TARGETS, HEAD_INIT = load_fixtures("losses", "targets", "head_init")
 ATOL = 1e-5  # README section 3
 TARGET_RTOL = 1e-7  # README section 4
 # Section 6 gives no tolerance. The project repeats the original's draw (same seed, the head's
 # weight is the first draw after it), so the statistics agree to float32 summation rounding; another
 # draw of the same normal law would miss the mean by ~1e-3.
 STAT_ATOL = 1e-6
-SPEC_FIELDS = ("classifier_type", "loss_type", "num_atoms", "V_min", "V_max", "use_bias")
 
 
 def close(actual, expected, atol=ATOL):
@@ -110,11 +102,8 @@ FORWARD = LOSSES["forward"]
 
 @pytest.mark.parametrize("case", FORWARD["cases"], ids=[c["id"] for c in FORWARD["cases"]])
 def test_forward_values_and_loss_of_original_checkpoints(case):
-    path = GOLDEN / case["model"]
-    args = json.loads((path.parent / "args.json").read_text())
-    spec = {name: args[name] for name in SPEC_FIELDS}
-    spec["loss_type"] = case["loss_type"]  # mse loads a bce checkpoint as mse
-    model = QSharpClassifier.from_pretrained(path, spec=spec).eval()
+    spec = fixture_spec(case["model"], loss_type=case["loss_type"])  # mse loads a bce checkpoint as mse
+    model = QSharpClassifier.from_pretrained(GOLDEN / case["model"], spec=spec).eval()
     assert (model.spec.classifier_type, model.spec.loss_type, model.spec.use_bias) == (
         case["classifier_type"], case["loss_type"], bool(case["use_bias"]))
     ids = torch.tensor(FORWARD["input_ids"])
