@@ -207,12 +207,12 @@ def test_unknown_name_lists_valid_values(env, capsys, stage, flag, valid):
 
 
 def test_expectation_targets_outside_unit_interval(env, capsys):
-    """The original's expectation recipe needs --shift_reward 1 (R = correctness - 1); without it
-    exp(eta * R) reaches e^eta."""
-    argv = train_argv(env, "--loss_type", "mse", "--eta", "1", "--shift_reward", "0")
+    """The original's expectation recipe needs --shift_reward 1 (R = correctness - 1); with
+    R = correctness + 1 every target exp(eta * R) is at least e^eta."""
+    argv = train_argv(env, "--loss_type", "mse", "--eta", "1", "--shift_reward", "-1")
     argv = replace(replace(argv, "--inference_mode", "expectation"), "--output_dir", str(env["root"] / "train_expectation"))
     error = fails(capsys, "train", argv)
-    assert "targets exp(eta * R) span [1, 2.71828]" in error and "outside [0, 1]" in error and "--shift_reward 1" in error
+    assert "targets exp(eta * R) span [2.71828" in error and "outside [0, 1]" in error and "--shift_reward 1" in error
 
 
 def test_mle_inference_needs_mle_loss(env, capsys):

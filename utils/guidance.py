@@ -109,9 +109,17 @@ def kl_divergence(
     itself (``guided == reference``) has KL > 0, about -log(nucleus mass). ``top_p=1`` gives
     KL(softmax(guided / T) || softmax(reference / T)), the KL of the policies before top-p.
     """
-    scaled = guided.float() / temperature if temperature != 1.0 else guided.float()
-    log_p = torch.log_softmax(top_p_filter(scaled, top_p), dim=-1)
-    log_q = torch.log_softmax(reference.float() / temperature if temperature != 1.0 else reference.float(), dim=-1)
+    log_q = torch.log_softmax(_scaled(reference, temperature), dim=-1)
+    return _kl_from_log_probs(torch.log_softmax(top_p_filter(_scaled(guided, temperature), top_p), dim=-1), log_q)
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T`` in float32 (no division at T 1, as generate applies no temperature warper then)."""
+    return logits.float() / temperature if temperature != 1.0 else logits.float()
+
+
+def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v (log p_v - log q_v) per row; tokens with p = 0 (-inf) add nothing."""
     terms = log_p.exp() * (log_p - log_q)
     return torch.where(log_p > float("-inf"), terms, torch.zeros_like(terms)).sum(-1)
 
@@ -215,11 +223,16 @@ class QSharpLogitsProcessor(LogitsProcessor):
         return torch.stack(steps, dim=1)
 
     def _record_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> None:
-        """Append this step's KL of the guided against the reference logits (both raw, [batch, vocab])."""
-        self._kl_steps.append(kl_divergence(guided, scores, self.kl_temperature, self.kl_top_p))
-        self._kl_plain_steps.append(
-            self._kl_steps[-1] if self.kl_top_p >= 1.0 else kl_divergence(guided, scores, self.kl_temperature)
-        )
+        """Append this step's KL of the guided against the reference logits (both raw, [batch, vocab]):
+        :func:`kl_divergence` after and before top-p, sharing the reference's log-probabilities."""
+        log_q = torch.log_softmax(_scaled(scores, self.kl_temperature), dim=-1)  # [batch, vocab]
+        scaled = _scaled(guided, self.kl_temperature)
+        plain = _kl_from_log_probs(torch.log_softmax(scaled, dim=-1), log_q)
+        self._kl_plain_steps.append(plain)
+        if self.kl_top_p >= 1.0:
+            self._kl_steps.append(plain)
+        else:
+            self._kl_steps.append(_kl_from_log_probs(torch.log_softmax(top_p_filter(scaled, self.kl_top_p), dim=-1), log_q))
 
     # ---- per-step entry point
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
