@@ -174,7 +174,8 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self.top_k = top_k
         self.pad_token_id = pad_token_id
         if classifier is None and not self.is_noop:
-            raise ValueError("a classifier is needed unless guidance is a no-op (eta 0 or inference_mode disabled)")
+            raise ValueError("a classifier is needed unless guidance is a no-op "
+                             "(inference_mode disabled, or eta 0 in any mode but expectation)")
         self.classifier = classifier
         self._window, self._mixed = (None, False) if self.is_noop else attention_window(classifier.config)
         self.kl_temperature = kl_temperature
