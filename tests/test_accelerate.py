@@ -199,8 +199,10 @@ def test_eval_on_two_processes_writes_the_single_process_files(workdir):
     assert sorted(double) == sorted(single) and len(single) == 2 * (NUM_TEST * 2 + 3)
     assert [name for name in double if single[name] != double[name]] == []
     # the aggregation ran once per eta, on the main process, after both ranks' samples
-    summaries = lines(out, "eval [")
-    assert [line.split("]")[0] for line in summaries] == ["eval [eta_0.0_top_k_20_temp_0.8", "eval [eta_5.0_top_k_20_temp_0.8"]
+    # (searched anywhere: the two processes share one stdout pipe, so another rank's line can
+    # start before the main process's summary on the same line)
+    summaries = re.findall(r"eval \[(eta_[^\]]+)\]: pass@1", out)
+    assert summaries == ["eta_0.0_top_k_20_temp_0.8", "eta_5.0_top_k_20_temp_0.8"], out
     assert lines(out, "[rank 0/2] eval: 2 problems") and lines(out, "[rank 1/2] eval: 4 problems")
     aggregated = [line.split() for line in renames.read_text().splitlines()
                   if re.search(r"/(inference_eval_results|reward_stats)_[^/]*$", line)]
