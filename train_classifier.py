@@ -103,21 +103,6 @@ def eval_due(global_step: int, eval_freq: int) -> bool:
     return global_step % eval_freq == 0 or global_step == 1
 
 
-def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batches: int) -> list[dict]:
-    """Batch-by-batch counters of a process over ``num_batches`` batches (the layout of the
-    golden ``ckpt_steps.json`` timeline): ``batch``, ``global_step``, ``optimizer_step``
-    (did the optimizer step after it), ``optimizer_steps_done``, ``checkpoint`` (name or None)."""
-    timeline, done = [], 0
-    for batch in range(1, num_batches + 1):
-        global_step = global_step_after(batch, world_size)
-        stepped = optimizer_step_due(batch, accumulation)
-        done += stepped
-        timeline.append({"batch": batch, "global_step": global_step, "optimizer_step": stepped,
-                         "optimizer_steps_done": done,
-                         "checkpoint": f"ckpt_{global_step}" if checkpoint_due(global_step, ckpt_freq) else None})
-    return timeline
-
-
 def optimizer_scheduler_files(checkpoint: Path) -> list[Path]:
     """What ``--resume_opt_scheduler 1`` reads from ``checkpoint``: ``[optimizer.pt,
     lr_scheduler.pt]`` (what ``--save_opt_scheduler 1`` writes, here and in the original;

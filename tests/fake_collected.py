@@ -9,10 +9,10 @@ gets ``num_train x repeats`` training examples (with ``--id_eval_ratio 0``) and
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from utils.data import write_json, write_jsonl
 from utils.problems import COLLECTED_FIELDS
 
 VOCAB = range(3, 300)  # the tiny tokenizer has 400 ids; 0-2 are special
@@ -44,9 +44,9 @@ def write_fake_collected(folder: Path, num_train: int, repeats: int, num_ood: in
         combined.append(record)
     paths = {"problems": folder / "problems.jsonl", "split": folder / "problems_eval.json",
              "data": folder / "all_train_data.jsonl"}
-    paths["problems"].write_text("\n".join(json.dumps(p) for p in problems))
-    paths["split"].write_text(json.dumps(split_map, indent=4))
-    paths["data"].write_text("\n".join(json.dumps(r) for r in combined))
+    write_jsonl(paths["problems"], problems)
+    write_json(paths["split"], split_map)
+    write_jsonl(paths["data"], combined)
     return {name: str(path) for name, path in paths.items()}
 
 

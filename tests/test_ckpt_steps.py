@@ -34,6 +34,21 @@ EXAMPLE_STEPS_DONE = [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
 ORIGINAL_STEPS_DONE = [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
+def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batches: int) -> list[dict]:
+    """The training loop's step helpers composed over a process's ``num_batches`` batches, in
+    the layout of the golden ``ckpt_steps.json`` timeline: ``batch``, ``global_step``,
+    ``optimizer_step`` (did the optimizer step after it), ``optimizer_steps_done``, ``checkpoint``."""
+    timeline, done = [], 0
+    for batch in range(1, num_batches + 1):
+        global_step = train_classifier.global_step_after(batch, world_size)
+        stepped = train_classifier.optimizer_step_due(batch, accumulation)
+        done += stepped
+        saved = train_classifier.checkpoint_due(global_step, ckpt_freq)
+        timeline.append({"batch": batch, "global_step": global_step, "optimizer_step": stepped,
+                         "optimizer_steps_done": done, "checkpoint": f"ckpt_{global_step}" if saved else None})
+    return timeline
+
+
 def optimizer_states_steps(checkpoint: Path) -> int:
     """Optimizer steps done at ``checkpoint`` (AdamW's step count in its ``optimizer.pt``)."""
     state = torch.load(checkpoint / train_classifier.OPTIMIZER_FILE, map_location="cpu", weights_only=False)["state"]
@@ -47,7 +62,7 @@ def checkpoint_names(folder: Path) -> list[str]:
 
 
 def test_worked_example_timeline():
-    timeline = train_classifier.step_timeline(world_size=2, accumulation=2, ckpt_freq=2, num_batches=10)
+    timeline = step_timeline(world_size=2, accumulation=2, ckpt_freq=2, num_batches=10)
     assert [t["batch"] for t in timeline] == list(range(1, 11))
     assert [t["global_step"] for t in timeline] == list(range(2, 21, 2))
     assert [t["checkpoint"] for t in timeline] == EXAMPLE_NAMES
@@ -59,7 +74,7 @@ def test_worked_example_timeline():
 
 def test_names_count_batches_summed_over_processes():
     def names(world_size, accumulation, ckpt_freq, num_batches):
-        return [t["checkpoint"] for t in train_classifier.step_timeline(world_size, accumulation, ckpt_freq, num_batches)
+        return [t["checkpoint"] for t in step_timeline(world_size, accumulation, ckpt_freq, num_batches)
                 if t["checkpoint"]]
 
     # the same data seen (20 batches of all processes), the same name, whatever the split
@@ -80,7 +95,7 @@ def test_matches_the_golden_timeline():
     golden = json.loads(path.read_text())
     ws, acc, n, freq = (golden[k] for k in ("world_size", "gradient_accumulation_step", "batches_per_process", "ckpt_freq"))
     assert (ws, acc, n, freq) == (2, 2, 10, 2)
-    ours = train_classifier.step_timeline(ws, acc, freq, n)
+    ours = step_timeline(ws, acc, freq, n)
     for key in ("batch", "global_step", "checkpoint"):
         assert [t[key] for t in ours] == [g[key] for g in golden["timeline"]], key
     assert ["ckpt_0", *(t["checkpoint"] for t in ours if t["checkpoint"])] == [c["name"] for c in golden["checkpoints"]]

@@ -83,8 +83,6 @@ def guidance_offsets(logits: torch.Tensor, mode: str, eta: float, spec: Classifi
         return eta * expected_reward(logits, spec)
     atoms = spec.atoms(logits.device)  # mle
     offsets = torch.logsumexp(logits.log_softmax(-1) + eta * atoms, dim=-1)  # [batch, k]
-    if offsets.shape[-1] == 0:
-        return offsets
     return offsets - offsets.min(dim=-1, keepdim=True).values
 
 
