@@ -58,6 +58,7 @@ from utils.cli import (
 )
 from utils.data import read_json, remove_stale_temporaries, write_json, write_jsonl
 from utils.distributed import Process, barrier, current_process, process_device, rank_share, shutdown
+from utils.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import make_processor, sample_batch
@@ -164,6 +165,18 @@ def aggregate(args, records, dataset_type, ids, sample_dir: Path, tag: str, outp
         "cd_baseline": args.cd_baseline,
         "inference_mode": args.inference_mode,
     }
+    # 95% percentile-bootstrap intervals over problems (a problem's samples stay together), the
+    # same resamples for every metric (one seed); each statistic is computed as its point estimate.
+    ci = {"num_resamples": 1000, "seed": args.seed, "level": 0.95}
+    intervals = {
+        "single_sample_accuracy_ci": ([r["predictions_correctness"] for r in results], PROBLEM_MEAN),
+        "majority_vote_accuracy_ci": ([r["majority_vote_correct"] for r in results], PROBLEM_MEAN),
+        "pass_k_accuracy_ci": ([r["pass_at_k"] for r in results], PROBLEM_MEAN),
+        "kl_ci": ([r["traj_kl"] for r in results], SAMPLE_MEAN),  # kl_mean: the mean over all samples
+    }
+    for key, (per_problem, statistic) in intervals.items():
+        stats[key] = list(bootstrap_ci(per_problem, statistic, **ci))
+    stats.update({"ci_level": ci["level"], "ci_resamples": ci["num_resamples"], "ci_seed": ci["seed"]})
     write_json(output_dir / f"reward_stats_{tag}.json", stats)
     return stats
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
@@ -9,7 +10,10 @@ import pytest
 import torch
 
 from utils.metrics import (
+    PROBLEM_MEAN,
+    SAMPLE_MEAN,
     binary_accuracy,
+    bootstrap_ci,
     eval_metrics,
     explained_variance,
     r2_score,
@@ -284,3 +288,175 @@ def test_eval_metrics_empty_raises(empty):
 def test_metrics_empty_raise(fn):
     with pytest.raises(ValueError, match="empty"):
         fn([], [])
+
+
+# ---------------------------------------------------------------- bootstrap_ci
+
+
+def naive_quantile(values, q):
+    """Linear interpolation between the order statistics (numpy's default method)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
+
+
+def naive_bootstrap_ci(per_problem, statistic, num_resamples=1000, seed=0, level=0.95):
+    """One resample at a time: draw problems (indices of size P from the same generator), keep
+    each drawn problem's samples together, compute the statistic with python sums."""
+    rng = np.random.default_rng(seed)
+    problems = [[float(x) for x in values] for values in per_problem]
+    resampled = []
+    for _ in range(num_resamples):
+        drawn = [problems[int(i)] for i in rng.integers(0, len(problems), size=len(problems))]
+        if statistic == PROBLEM_MEAN:
+            resampled.append(naive_mean([naive_mean(values) for values in drawn]))
+        else:
+            resampled.append(naive_mean([x for values in drawn for x in values]))
+    tail = (1.0 - level) / 2.0
+    return naive_quantile(resampled, tail), naive_quantile(resampled, 1.0 - tail)
+
+
+def ragged_problems(seed=0, num_problems=30):
+    """Per-problem KL-like values, 1 to 7 samples each (the sample-mean weighting matters)."""
+    rng = np.random.default_rng(seed)
+    return [rng.gamma(2.0, 1.0 + p % 3, size=int(rng.integers(1, 8))).tolist() for p in range(num_problems)]
+
+
+def correctness_problems(seed=0, num_problems=60, num_samples=8):
+    """0/1 correctness, each problem with its own difficulty: [problems, samples]."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(num_problems)
+    return (rng.random((num_problems, num_samples)) < difficulty[:, None]).astype(np.float64)
+
+
+@pytest.mark.parametrize("statistic", [PROBLEM_MEAN, SAMPLE_MEAN])
+@pytest.mark.parametrize("seed, level, num_resamples", [(0, 0.95, 500), (7, 0.8, 333), (123, 0.99, 50)])
+def test_bootstrap_matches_naive_loop(statistic, seed, level, num_resamples):
+    for per_problem in (ragged_problems(seed), correctness_problems(seed).tolist()):
+        result = bootstrap_ci(per_problem, statistic, num_resamples=num_resamples, seed=seed, level=level)
+        expected = naive_bootstrap_ci(per_problem, statistic, num_resamples=num_resamples, seed=seed, level=level)
+        assert isinstance(result, tuple) and all(type(bound) is float for bound in result)
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bootstrap_statistics_weight_problems_differently():
+    """Unequal sample counts: the sample mean weighs a problem by its count, the problem mean does not;
+    equal counts: the two agree."""
+    problems = [[0.0], [10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0], [1.0, 3.0], [2.0]]
+    torch.testing.assert_close(bootstrap_ci(problems, SAMPLE_MEAN),
+                               naive_bootstrap_ci(problems, SAMPLE_MEAN), rtol=1e-12, atol=1e-12)
+    assert bootstrap_ci(problems, SAMPLE_MEAN) != bootstrap_ci(problems, PROBLEM_MEAN)
+    equal = correctness_problems(1)
+    torch.testing.assert_close(bootstrap_ci(equal, SAMPLE_MEAN), bootstrap_ci(equal, PROBLEM_MEAN),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("statistic", [PROBLEM_MEAN, SAMPLE_MEAN])
+def test_bootstrap_keeps_samples_of_a_problem_together(statistic):
+    # One problem: every resample is that problem, whatever its samples: a degenerate interval.
+    assert bootstrap_ci([[0.0, 1.0, 1.0, 0.0, 1.0]], statistic) == (0.6, 0.6)
+    # Problems whose samples are all equal: the interval is that of one value per problem
+    # (exactly: same draws), wider than treating the 8 samples of each as 8 problems.
+    values = np.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    constant = np.repeat(values[:, None], 8, axis=1)  # [10 problems, 8 samples]
+    per_problem = bootstrap_ci(values, statistic, seed=3)
+    assert bootstrap_ci(constant, statistic, seed=3) == per_problem
+    low, high = per_problem
+    sample_low, sample_high = bootstrap_ci(constant.reshape(-1), statistic, seed=3)  # 80 "problems"
+    assert high - low > 1.5 * (sample_high - sample_low)
+
+
+def test_bootstrap_input_types_agree():
+    data = correctness_problems(2, num_problems=20, num_samples=4)
+    expected = bootstrap_ci(data.tolist(), seed=5)
+    for per_problem in (data, data.astype(np.float32), torch.tensor(data), list(torch.tensor(data)),
+                        [row.astype(bool) for row in data]):
+        assert bootstrap_ci(per_problem, seed=5) == expected
+    # 1-D: one value per problem, as a list (of bools) or an array
+    wins = data[:, 0]
+    assert bootstrap_ci(wins.astype(bool).tolist(), seed=5) == bootstrap_ci(wins[:, None], seed=5)
+
+
+def test_bootstrap_deterministic_under_seed():
+    data = ragged_problems(4)
+    for statistic in (PROBLEM_MEAN, SAMPLE_MEAN):
+        first = bootstrap_ci(data, statistic, seed=11)
+        assert bootstrap_ci(data, statistic, seed=11) == first
+        assert bootstrap_ci(data, statistic, seed=12) != first
+    assert bootstrap_ci(data) == bootstrap_ci(data, PROBLEM_MEAN, num_resamples=1000, seed=0, level=0.95)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bootstrap_interval_contains_point_estimate(seed):
+    correctness = correctness_problems(seed, num_problems=100)
+    low, high = bootstrap_ci(correctness, PROBLEM_MEAN, seed=seed)
+    assert low < correctness.mean(axis=1).mean() < high
+    kls = ragged_problems(seed, num_problems=80)
+    low, high = bootstrap_ci(kls, SAMPLE_MEAN, seed=seed)
+    assert low < np.mean(np.concatenate(kls)) < high
+    # a narrower level gives a nested interval
+    inner_low, inner_high = bootstrap_ci(kls, SAMPLE_MEAN, seed=seed, level=0.5)
+    assert low < inner_low < inner_high < high
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"per_problem": []}, "at least one problem"),
+    ({"per_problem": [[0.5], []]}, "at least one sample"),
+    ({"per_problem": np.zeros((3, 0))}, "at least one sample"),
+    ({"per_problem": np.zeros((2, 2, 2))}, "1-D .* or 2-D"),
+    ({"per_problem": [[1.0]], "statistic": "median"}, "statistic must be one of"),
+    ({"per_problem": [[1.0]], "level": 1.0}, "level"),
+    ({"per_problem": [[1.0]], "num_resamples": 0}, "num_resamples"),
+    ({"per_problem": [[1.0]], "num_resamples": 2.5}, "num_resamples"),
+])
+def test_bootstrap_bad_input_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_ci(**kwargs)
+
+
+def test_bootstrap_nan_propagates():
+    assert all(math.isnan(bound) for bound in bootstrap_ci([[0.1, float("nan")], [0.3]], SAMPLE_MEAN))
+
+
+# ---------------------------------------------------------------- the intervals of eval_ckpt.py's reward stats
+
+
+def test_eval_aggregate_writes_intervals(tmp_path):
+    """``eval_ckpt.aggregate``: each ``*_ci`` is the bootstrap of its point estimate's statistic
+    (problem means for pass@1, maj@k, pass@k; all samples for KL), seeded with --seed."""
+    import eval_ckpt
+    from utils.cli import problem_file_name
+    from utils.data import read_json, read_jsonl, write_json
+
+    rng = np.random.default_rng(0)
+    num_problems, num_samples = 12, 4
+    records = [{"problem": f"p{i}", "prompt": f"p{i}", "answer": f"#### {i}"} for i in range(num_problems)]
+    sample_dir = tmp_path / "samples"
+    for i in range(num_problems):
+        for r in range(num_samples):
+            guess = i if rng.random() < i / num_problems else i + 1
+            write_json(sample_dir / problem_file_name(i, r), {
+                "prediction": f"\\boxed{{{guess}}}", "correctness": guess == i, "num_response_tokens": 10,
+                "traj_kl": float(rng.gamma(2.0)), "traj_kl_before_top_p": 0.0})
+    args = argparse.Namespace(num_samples=num_samples, seed=47, match_fn_type="symbolic", eta=1.0, top_k=20,
+                              temperature=0.8, cd_baseline=0, inference_mode="bernoulli")
+    stats = eval_ckpt.aggregate(args, records, "gsm8k", list(range(num_problems)), sample_dir, "tag", tmp_path)
+    assert read_json(tmp_path / "reward_stats_tag.json") == stats
+    assert (stats["ci_level"], stats["ci_resamples"], stats["ci_seed"]) == (0.95, 1000, 47)
+    results = read_jsonl(tmp_path / "inference_eval_results_tag.jsonl")
+    expected = {
+        "single_sample_accuracy": ([r["predictions_correctness"] for r in results], PROBLEM_MEAN),
+        "majority_vote_accuracy": ([[r["majority_vote_correct"]] for r in results], PROBLEM_MEAN),
+        "pass_k_accuracy": ([[r["pass_at_k"]] for r in results], PROBLEM_MEAN),
+        "kl": ([r["traj_kl"] for r in results], SAMPLE_MEAN),
+    }
+    for name, (per_problem, statistic) in expected.items():
+        interval = stats[f"{name}_ci"]
+        assert isinstance(interval, list) and len(interval) == 2
+        torch.testing.assert_close(tuple(interval), naive_bootstrap_ci(per_problem, statistic, seed=47),
+                                   rtol=1e-12, atol=1e-12)
+        assert interval[0] <= stats[f"{name}_mean"] <= interval[1]
+    for name in expected:  # the data vary: no degenerate interval
+        assert 0 < stats[f"{name}_ci"][0] < stats[f"{name}_ci"][1]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -222,3 +223,132 @@ def test_point_labels_merge_coinciding_points_of_one_run():
     assert [(x, y) for _, x, y in labels][1] == (0.5157, 0.8237)
     one_run = report._point_labels(df[df["run"] == "a"])
     assert [label for label, _, _ in one_run] == ["eta=3", "eta=10, 30"]
+
+
+# ---------------------------------------------------------------- confidence intervals
+
+
+def stats_with_ci(eta: float, pass1: float, kl: float, cd: int = 0) -> dict:
+    """A reward_stats document with the bootstrap intervals eval_ckpt.py writes."""
+    return {**stats(eta, pass1, kl, cd=cd),
+            "single_sample_accuracy_ci": [pass1 - 0.03, pass1 + 0.04],
+            "majority_vote_accuracy_ci": [pass1 + 0.01, pass1 + 0.09],
+            "pass_k_accuracy_ci": [pass1 + 0.05, pass1 + 0.15],
+            "kl_ci": [kl * 0.8, kl * 1.25],
+            "ci_level": 0.95, "ci_resamples": 1000, "ci_seed": 47}
+
+
+def table_rows(markdown: str) -> tuple[list[str], list[list[str]]]:
+    lines = markdown.splitlines()
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return split[0], split[2:]
+
+
+@pytest.fixture
+def ci_tree(tmp_path, monkeypatch):
+    """``new/ckpt_1``: eta 0 and eta 10 with intervals; ``old/ckpt_1``: eta 5 without."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QSHARP_DEBUG", raising=False)
+    write_stats(tmp_path / "new" / "ckpt_1", stats_with_ci(0.0, 0.443, 0.2))
+    write_stats(tmp_path / "new" / "ckpt_1", stats_with_ci(10.0, 0.7, 0.5))
+    write_stats(tmp_path / "old" / "ckpt_1", stats(5.0, 0.6, 0.3))
+    return tmp_path
+
+
+def test_intervals_in_table_and_csv(ci_tree, capsys):
+    df = report.collect_stats(["new", "old"])
+    assert list(df.columns) == report.COLUMNS + report.CI_COLUMNS
+    reference = df[df["eta"] == 0].iloc[0]
+    assert (reference["pass@1_ci_low"], reference["pass@1_ci_high"]) == pytest.approx((0.413, 0.483))
+    assert (reference["kl_ci_low"], reference["kl_ci_high"]) == pytest.approx((0.16, 0.25))
+    old = df[df["run"] == "old/ckpt_1"].iloc[0]
+    assert all(math.isnan(old[column]) for column in report.CI_COLUMNS)
+
+    header, body = table_rows(report.to_markdown(df))
+    assert header == report.COLUMNS  # the bounds are shown in their metric's cells, not as columns
+    cells = {row[header.index("eta")] + row[header.index("run")]: dict(zip(header, row)) for row in body}
+    new_reference, new_guided, old_row = cells["0new/ckpt_1"], cells["10new/ckpt_1"], cells["5old/ckpt_1"]
+    assert new_reference["pass@1"] == "0.4430 [0.4130, 0.4830]"
+    assert new_reference["maj@k"] == "0.4930 [0.4530, 0.5330]"
+    assert new_reference["pass@k"] == "0.5430 [0.4930, 0.5930]"
+    assert new_reference["kl"] == "0.2000 [0.1600, 0.2500]"
+    assert new_reference["kl_per_token"] == "0.0040"  # no interval for it
+    assert new_guided["pass@1"] == "0.7000 [0.6700, 0.7400]"
+    assert old_row["pass@1"] == "0.6000" and old_row["kl"] == "0.3000"  # an older file: no interval
+
+    code, out, err = run_main(["new", "old", "--out_dir", "report"], capsys)
+    assert code == 0, err
+    assert "| 0.4430 [0.4130, 0.4830] |" in out
+    csv = pd.read_csv(ci_tree / "report" / "results.csv")
+    assert list(csv.columns) == report.COLUMNS + report.CI_COLUMNS
+    pd.testing.assert_frame_equal(csv, df, check_dtype=False)
+
+
+def test_old_files_only_keep_the_table_of_before(tree):
+    """Without any interval: no CI columns, no brackets in the table."""
+    df = report.collect_stats(["exp"])
+    assert list(df.columns) == report.COLUMNS
+    assert "[" not in report.to_markdown(df)
+
+
+def test_one_missing_bound_column_shows_no_interval():
+    df = pd.DataFrame({"run": ["a", "b"], "kl": [0.5, 0.25], "kl_ci_low": [0.4, math.nan], "kl_ci_high": [0.6, 0.3]})
+    header, body = table_rows(report.to_markdown(df))
+    assert header == ["run", "kl"]
+    assert [row[1] for row in body] == ["0.5000 [0.4000, 0.6000]", "0.2500"]
+    header, _ = table_rows(report.to_markdown(df.drop(columns=["kl_ci_high"])))
+    assert header == ["run", "kl", "kl_ci_low"]  # no pair: an ordinary column
+
+
+def record_error_bars(monkeypatch) -> list[dict]:
+    """Calls of ``Axes.errorbar`` (still drawn), with their x, y and errors as arrays."""
+    from matplotlib.axes import Axes
+
+    calls, original = [], Axes.errorbar
+
+    def errorbar(self, x, y, *args, **kwargs):
+        calls.append({"x": np.asarray(x, dtype=float), "y": np.asarray(y, dtype=float),
+                      **{axis: np.asarray(kwargs[axis], dtype=float) for axis in ("xerr", "yerr") if axis in kwargs}})
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", errorbar)
+    return calls
+
+
+def test_plot_draws_error_bars(ci_tree, monkeypatch):
+    calls = record_error_bars(monkeypatch)
+    df = report.collect_stats(["new", "old"])
+    report.plot_pass1_vs_kl(df, ci_tree / "plot.png")
+    png = (ci_tree / "plot.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+    vertical = sorted((tuple(c["x"]), tuple(c["y"]), tuple(map(tuple, c["yerr"].T))) for c in calls if "yerr" in c)
+    horizontal = sorted((tuple(c["x"]), tuple(c["y"]), tuple(map(tuple, c["xerr"].T))) for c in calls if "xerr" in c)
+    # one call per method with intervals (reference, qsharp) and axis; the old file's point has none
+    assert len(vertical) == 2 and len(horizontal) == 2 and len(calls) == 4
+    assert [point[:2] for point in vertical] == [((0.2,), (0.443,)), ((0.5,), (0.7,))]
+    np.testing.assert_allclose([point[2][0] for point in vertical], [(0.03, 0.04), (0.03, 0.04)])
+    np.testing.assert_allclose([point[2][0] for point in horizontal], [(0.04, 0.05), (0.1, 0.125)])
+
+
+def test_plot_without_intervals_draws_no_error_bars(tree, monkeypatch):
+    calls = record_error_bars(monkeypatch)
+    report.plot_pass1_vs_kl(report.collect_stats(["exp"]), tree / "plot.png")
+    assert calls == [] and (tree / "plot.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plot_point_outside_its_interval_gets_no_negative_bar(tmp_path, monkeypatch):
+    calls = record_error_bars(monkeypatch)
+    df = pd.DataFrame({"run": ["a"], "method": ["qsharp"], "eta": [1.0], "top_k": [20], "temperature": [0.8],
+                       "pass@1": [0.5], "kl": [0.3], "pass@1_ci_low": [0.55], "pass@1_ci_high": [0.6],
+                       "kl_ci_low": [0.1], "kl_ci_high": [0.2]})
+    report.plot_pass1_vs_kl(df, tmp_path / "plot.png")
+    errors = {axis: call[axis][:, 0].tolist() for call in calls for axis in ("xerr", "yerr") if axis in call}
+    assert errors == {"yerr": pytest.approx([0.0, 0.1]), "xerr": pytest.approx([0.2, 0.0])}
+
+
+@pytest.mark.parametrize("value", [[0.1], [0.1, "0.2"], 0.5, [True, 0.2], {"low": 0.1}])
+def test_bad_interval_raises(tree, capsys, value):
+    doc = {**stats(1.0, 0.5, 0.1), "kl_ci": value}
+    path = write_stats(tree / "exp" / "ckpt_100", doc)
+    line = one_error(*run_main(["exp"], capsys))
+    assert path.name in line and "kl_ci is" in line and "expected [low, high]" in line

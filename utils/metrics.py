@@ -13,6 +13,11 @@ NumPy arrays, must have the same shape and are flattened. Empty inputs raise
 - :func:`eval_metrics`: the dict of ``"<prefix>Eval ..."`` scalars that gets logged.
 
 Undefined metrics (constant target, a single class for ROC-AUC) are ``float("nan")``.
+
+:func:`bootstrap_ci` is the confidence interval ``eval_ckpt.py`` reports with each evaluation
+metric: a seeded percentile bootstrap that resamples *problems* (all samples of a problem
+stay together), with the statistic ``PROBLEM_MEAN`` (pass@1, maj@k, pass@k: the mean of
+per-problem means) or ``SAMPLE_MEAN`` (KL: the mean over every sample of the resampled problems).
 """
 
 from __future__ import annotations
@@ -120,3 +125,77 @@ def eval_metrics(pred: ArrayLike, target: ArrayLike, loss: float, bernoulli: boo
         metrics["Eval Accuracy"] = binary_accuracy(p, t)
         metrics["Eval ROC-AUC"] = roc_auc(p, t)
     return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+
+# ---------------------------------------------------------------- bootstrap over problems
+
+PROBLEM_MEAN = "problem_mean"  # mean over problems of each problem's mean (every problem weighs the same)
+SAMPLE_MEAN = "sample_mean"  # mean over all samples of the problems (a problem weighs its sample count)
+STATISTICS = (PROBLEM_MEAN, SAMPLE_MEAN)
+
+
+def _per_problem_arrays(per_problem: Any) -> list[np.ndarray]:
+    """``per_problem`` as one flat float64 array per problem; a 1-D input is one value per problem."""
+    if isinstance(per_problem, (np.ndarray, torch.Tensor)):
+        array = to_numpy(per_problem)
+        if array.ndim == 1:
+            array = array[:, None]
+        if array.ndim != 2:
+            raise ValueError(f"per_problem must be 1-D (one value per problem) or 2-D [problems, samples], "
+                             f"got shape {array.shape}")
+        problems = list(array)
+    else:
+        problems = [to_numpy(values).reshape(-1) for values in per_problem]
+    if not problems:
+        raise ValueError("bootstrap_ci needs at least one problem, got none")
+    empty = [i for i, values in enumerate(problems) if values.size == 0]
+    if empty:
+        raise ValueError(f"every problem needs at least one sample; problem(s) {empty[:5]} have none")
+    return problems
+
+
+def bootstrap_ci(
+    per_problem: Any,
+    statistic: str = PROBLEM_MEAN,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval ``(low, high)`` of a mean over problems.
+
+    ``per_problem`` holds each problem's values: a sequence of per-problem sequences (lists,
+    arrays or tensors; lengths may differ), a 2-D array or tensor ``[problems, samples]``, or a
+    1-D one (one value per problem, e.g. maj@k correctness). Each of ``num_resamples``
+    resamples draws as many problems as there are, with replacement, keeping all samples of a
+    drawn problem together (row ``r`` of the indices is ``rng.integers(0, P, size=P)``, the
+    ``r``-th such draw of ``rng = np.random.default_rng(seed)``), and computes ``statistic``:
+
+    - ``PROBLEM_MEAN`` (``"problem_mean"``): the mean of the drawn problems' means (pass@1);
+    - ``SAMPLE_MEAN`` (``"sample_mean"``): the mean of every sample of the drawn problems (KL);
+      the two coincide when every problem has the same number of samples.
+
+    The interval holds the central ``level`` of the resampled statistics (``np.quantile``'s
+    linear interpolation at ``(1 - level) / 2`` and ``(1 + level) / 2``). The same seed and
+    problem count give the same resamples, so metrics of one evaluation are resampled jointly.
+    A single problem gives the degenerate interval ``(x, x)``. NaN values make the interval NaN.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    if isinstance(num_resamples, bool) or int(num_resamples) != num_resamples or num_resamples < 1:
+        raise ValueError(f"num_resamples must be a positive integer, got {num_resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    problems = _per_problem_arrays(per_problem)
+    num_problems = len(problems)
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, num_problems, size=(int(num_resamples), num_problems))  # [resamples, problems]
+    if statistic == PROBLEM_MEAN:
+        means = np.array([values.mean() for values in problems])
+        resampled = means[indices].mean(axis=1)
+    else:
+        sums = np.array([values.sum() for values in problems])
+        counts = np.array([values.size for values in problems], dtype=np.float64)
+        resampled = sums[indices].sum(axis=1) / counts[indices].sum(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(resampled, [tail, 1.0 - tail])
+    return float(low), float(high)

@@ -8,6 +8,11 @@ Prints one markdown row per stats file (run, method, eta, top_k, temperature, k,
 pass@1, maj@k, pass@k, mean KL per trajectory, mean KL per token) and writes
 ``OUT_DIR/results.csv`` (full precision) and ``OUT_DIR/pass1_vs_kl.png``. ``method`` is
 ``reference`` for eta 0, ``cd`` for the Controlled-Decoding baseline, ``qsharp`` otherwise.
+
+Stats files with bootstrap confidence intervals (``*_ci``: ``[low, high]``, written by
+eval_ckpt.py) show them next to pass@1, maj@k, pass@k and KL (``0.4430 [0.4100, 0.4800]``);
+the CSV then has ``<column>_ci_low`` / ``<column>_ci_high`` columns and the plot draws them as
+error bars (pass@1 vertically, KL horizontally). Older files without intervals show none.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
 from utils.cli import ArgumentParser, run
@@ -43,6 +49,15 @@ FIELDS = {
     "kl_per_token": ("kl_per_token_mean", float),
 }
 OPTIONAL_FIELDS = {"kl_per_token"}
+# column -> key of its confidence interval ([low, high]) in reward_stats json; absent in older files.
+CI_FIELDS = {
+    "pass@1": "single_sample_accuracy_ci",
+    "maj@k": "majority_vote_accuracy_ci",
+    "pass@k": "pass_k_accuracy_ci",
+    "kl": "kl_ci",
+}
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+CI_COLUMNS = [column + suffix for column in CI_FIELDS for suffix in CI_SUFFIXES]
 METHOD_STYLES = {"reference": ("o", "tab:gray"), "qsharp": ("^", "tab:blue"), "cd": ("s", "tab:orange")}
 
 
@@ -92,8 +107,14 @@ def method_of(eta: float, cd_baseline: bool) -> str:
     return "cd" if cd_baseline else "qsharp"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_stats(path: Path) -> dict[str, Any]:
-    """One table row from a stats file; a missing or non-numeric field raises ``ValueError`` naming the file."""
+    """One table row from a stats file; a missing or non-numeric field raises ``ValueError`` naming the file.
+
+    The row has ``COLUMNS`` and ``CI_COLUMNS`` (NaN where the file has no interval)."""
     stats = read_json(path)
     if not isinstance(stats, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(stats).__name__}")
@@ -113,6 +134,14 @@ def read_stats(path: Path) -> dict[str, Any]:
         except (TypeError, ValueError, OverflowError):
             expected = "an integer" if type_ is int else "a number"
             raise ValueError(f"{path}: {key} is {value!r}, expected {expected}") from None
+    for column, key in CI_FIELDS.items():
+        interval = stats.get(key)
+        if interval is None:
+            interval = [math.nan, math.nan]
+        elif not (isinstance(interval, list) and len(interval) == 2 and all(map(_is_number, interval))):
+            raise ValueError(f"{path}: {key} is {interval!r}, expected [low, high]")
+        for suffix, bound in zip(CI_SUFFIXES, interval):
+            row[column + suffix] = float(bound)
     cd_baseline = bool(stats.get("cd_baseline", path.name.endswith("_cd.json")))
     row["method"] = method_of(row["eta"], cd_baseline)
     return row
@@ -124,10 +153,13 @@ def _natural_key(text: str) -> tuple:
 
 
 def collect_stats(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
-    """One row per ``reward_stats_*.json`` under ``paths`` (columns ``COLUMNS``), sorted by run, eta, method
-    (an eta sweep reads top to bottom, the reference at eta 0 first)."""
+    """One row per ``reward_stats_*.json`` under ``paths`` (columns ``COLUMNS``, then ``CI_COLUMNS``
+    when any file has intervals), sorted by run, eta, method (an eta sweep reads top to bottom,
+    the reference at eta 0 first)."""
     rows = [read_stats(file) for file in find_stats_files(paths)]
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS + CI_COLUMNS)
+    if df[CI_COLUMNS].isna().all().all():  # only older files: the table of before
+        df = df.drop(columns=CI_COLUMNS)
     df = df.sort_values(
         ["run", "eta", "method", "top_k", "temperature", "k"],
         key=lambda column: column.map(_natural_key) if column.name == "run" else column,
@@ -146,10 +178,38 @@ def _cell(column: str, value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _intervals(columns: list[str]) -> dict[str, tuple[str, str]]:
+    """``column -> (low column, high column)`` for the columns of ``columns`` with an interval."""
+    intervals = {}
+    for column in columns:
+        bounds = tuple(column + suffix for suffix in CI_SUFFIXES)
+        if all(bound in columns for bound in bounds):
+            intervals[column] = bounds
+    return intervals
+
+
+def _interval_cell(column: str, value: Any, low: Any, high: Any) -> str:
+    """``0.4430 [0.4100, 0.4800]``; the point alone when either bound (or the point) is missing."""
+    text = _cell(column, value)
+    if text and all(not (isinstance(bound, float) and math.isnan(bound)) for bound in (low, high)):
+        text += f" [{_cell(column, low)}, {_cell(column, high)}]"
+    return text
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub markdown table of ``df`` (numbers right-aligned, metrics with 4 decimals)."""
-    columns = list(df.columns)
-    cells = [[_cell(column, value) for column, value in zip(columns, row)] for row in df.itertuples(index=False)]
+    """A GitHub markdown table of ``df`` (numbers right-aligned, metrics with 4 decimals); a column
+    with ``<column>_ci_low`` and ``<column>_ci_high`` columns shows its interval in its own cells
+    (``0.4430 [0.4100, 0.4800]``, none where missing) instead of as columns of their own."""
+    all_columns = list(df.columns)
+    intervals = _intervals(all_columns)
+    merged = {bound for bounds in intervals.values() for bound in bounds}
+    shown = [i for i, column in enumerate(all_columns) if column not in merged]
+    columns = [all_columns[i] for i in shown]
+    cells = []
+    for row in df.itertuples(index=False):
+        record = dict(zip(all_columns, row))
+        cells.append([_interval_cell(column, row[i], *(record[bound] for bound in intervals[column]))
+                      if column in intervals else _cell(column, row[i]) for i, column in zip(shown, columns)])
     widths = [max([len(column), 3, *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
     numeric = [pd.api.types.is_numeric_dtype(df[column]) for column in columns]
 
@@ -175,11 +235,28 @@ def _point_labels(df: pd.DataFrame) -> list[tuple[str, float, float]]:
             for (run_name, _, _), (x, y, etas) in positions.items()]
 
 
+def _error_bars(ax, df: pd.DataFrame, colour: str) -> None:
+    """The pass@1 intervals of ``df``'s rows as vertical error bars, the KL intervals as horizontal
+    ones, where the rows have them (a point outside its percentile interval gets no bar on that side)."""
+    for column, axis in (("pass@1", "y"), ("kl", "x")):
+        low, high = (column + suffix for suffix in CI_SUFFIXES)
+        if low not in df or high not in df:
+            continue
+        rows = df[df[low].notna() & df[high].notna()]
+        if rows.empty:
+            continue
+        value = rows[column].to_numpy(dtype=float)
+        error = np.maximum([value - rows[low].to_numpy(dtype=float), rows[high].to_numpy(dtype=float) - value], 0.0)
+        ax.errorbar(rows["kl"], rows["pass@1"], **{f"{axis}err": error}, fmt="none", ecolor=colour,
+                    elinewidth=1, capsize=2, alpha=0.6)
+
+
 def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Scatter pass@1 against mean KL per trajectory, one marker per method, points labelled with eta; atomic PNG.
 
     The guided points of one run, method, top-k and temperature (an eta sweep) are joined in
-    eta order, starting from the run's reference (eta 0) when it is there.
+    eta order, starting from the run's reference (eta 0) when it is there. Rows with intervals
+    (``pass@1_ci_low`` ... ``kl_ci_high``) get error bars: pass@1 vertical, KL horizontal.
     """
     import matplotlib
 
@@ -192,6 +269,7 @@ def plot_pass1_vs_kl(df: pd.DataFrame, path: str | os.PathLike) -> None:
             rows = df["method"] == method
             marker, colour = METHOD_STYLES[method]
             ax.scatter(df.loc[rows, "kl"], df.loc[rows, "pass@1"], marker=marker, color=colour, s=50, label=method)
+            _error_bars(ax, df[rows], colour)
         guided = df[df["method"] != "reference"]
         for (run_name, method, _, _), sweep in guided.groupby(["run", "method", "top_k", "temperature"], sort=False):
             reference = df[(df["run"] == run_name) & (df["method"] == "reference")]
