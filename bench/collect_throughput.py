@@ -1,6 +1,7 @@
 """Problems per minute of one collection round (``collect_training_data.py``) on the tiny setup.
 
     python bench/collect_throughput.py [--json] [--ref_model_id quickstart_out/models/ref --classifier_model_id quickstart_out/models/classifier]
+    python bench/collect_throughput.py [--json] --ref_model_id REF --classifier_model_id LM --use_chat_template 1 [--dtype float32]
 
 Synthetic GSM8K-format problems (``dataset/synthetic.py``) go through the real script's
 ``main`` in this process: round 1 (``--eta 0``, the reference policy) by default, or a
@@ -8,11 +9,18 @@ guided round with ``--eta 10`` (a zero V head on the classifier model: every top
 lifted alike). Without ``--ref_model_id`` the models are the random tiny ones of
 ``python -m utils.tiny_models`` (their responses rarely stop, so every one runs to
 ``--max_new_tokens``); the quickstart's pretrained models give responses that end.
+Prompts are raw text (``--use_chat_template 0``, what the tiny and quickstart models are
+trained on); give ``--use_chat_template 1`` for an instruct pair with a chat template (e.g.
+SmolLM2-135M-Instruct, whose pad token is its EOS: the collection handles that, ends being
+found from the stop ids). ``--dtype`` (float32) is the dtype of both models, on the first
+GPU, else the CPU; ``--threads 1`` is the steadiest on a CPU shared with other jobs.
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
 output folders (median). Also reported: the share of that time spent inside ``generate()``
 and, for the roll-in and the roll-out, the share of the row-steps that produce kept tokens
-(the rest pad rows that already ended). ``--json`` prints ``{"problems_per_min",
-"samples_per_min", "generate_share", "row_steps_kept", ...}``.
+(the rest pad rows that already ended), and ``tokens_per_s``: the response tokens kept in
+the roll-ins and roll-outs of the timed runs (stop ids included, padding after them not)
+over those runs' whole wall time. ``--json`` prints ``{"problems_per_min",
+"samples_per_min", "tokens_per_s", "generate_share", "row_steps_kept", ...}``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collect_training_data  # noqa: E402
+from bench.common import set_threads  # noqa: E402
 from utils import rollout  # noqa: E402
 from dataset.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.tiny_models import write_tiny_models  # noqa: E402
@@ -63,8 +72,8 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
         "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
         "--output_dir", str(output_dir), "--num_samples", str(args.num_samples),
         "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
-        "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", "0",
-        "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", "float32",
+        "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", str(args.use_chat_template),
+        "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", args.dtype,
     ]
     collect_args = collect_training_data.parse_args(argv)
     start = time.perf_counter()
@@ -78,6 +87,7 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
 
 
 def main(args: argparse.Namespace) -> None:
+    set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_synthetic_dataset(tmp / "data", args.num_problems, 0, seed=args.seed)
@@ -85,18 +95,23 @@ def main(args: argparse.Namespace) -> None:
         if ref_id is None:
             models = write_tiny_models(tmp / "models")
             ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
-        times, meter = [], GenerateMeter()
+        times, tokens, meter = [], [], GenerateMeter()
         rollout.generate_responses = meter
         try:
             for repeat in range(args.repeats + 1):  # the first run warms up
+                before = sum(meter.kept.values())
                 times.append(timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id))
+                tokens.append(sum(meter.kept.values()) - before)
         finally:
             rollout.generate_responses = meter.inner
     seconds = statistics.median(times[1:])
+    tokens_per_s = sum(tokens[1:]) / sum(times[1:])
     result = {
         "problems_per_min": round(args.num_problems / seconds * 60, 1),
         "samples_per_min": round(args.num_problems * args.num_samples / seconds * 60, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
         "seconds": round(seconds, 2),
+        "tokens_per_round": round(statistics.median(tokens[1:]), 1),
         "generate_share": round(meter.seconds / sum(times), 3),  # of the whole main(), loading included
         "row_steps_kept": {kind: round(meter.kept[kind] / max(meter.row_steps[kind], 1), 3) for kind in meter.kept},
         "num_problems": args.num_problems,
@@ -104,19 +119,26 @@ def main(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "eta": args.eta,
+        "use_chat_template": args.use_chat_template,
+        "dtype": args.dtype,
         "models": args.ref_model_id or "random tiny",
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['problems_per_min']} problems/min ({result['samples_per_min']} samples/min): "
-              f"{args.num_problems} problems x {args.num_samples} samples in {seconds:.1f} s")
+        print(f"{result['problems_per_min']} problems/min ({result['samples_per_min']} samples/min, "
+              f"{result['tokens_per_s']} generated tokens/s): {args.num_problems} problems x {args.num_samples} samples "
+              f"in {seconds:.1f} s")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref_model_id", type=str, default=None, help="reference model (default: random tiny)")
-    parser.add_argument("--classifier_model_id", type=str, default=None, help="classifier model (with --ref_model_id)")
+    parser.add_argument("--classifier_model_id", type=str, default=None,
+                        help="classifier model (with --ref_model_id; default: the reference)")
+    parser.add_argument("--use_chat_template", type=int, default=0, choices=[0, 1],
+                        help="wrap prompts in the chat template: 0 for the tiny/quickstart models, 1 for an instruct pair")
+    parser.add_argument("--dtype", type=str, default="float32", help="dtype of both models (float32, bfloat16, float16)")
     parser.add_argument("--num_problems", type=int, default=32, help="synthetic problems collected")
     parser.add_argument("--num_samples", type=int, default=2, help="repeats per problem")
     parser.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
@@ -125,5 +147,9 @@ if __name__ == "__main__":
     parser.add_argument("--match_fn_type", type=str, default="symbolic", help="answer matcher")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (median)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--json", action="store_true", help="one JSON line")
-    main(parser.parse_args())
+    args = parser.parse_args()
+    if args.classifier_model_id is not None and args.ref_model_id is None:
+        parser.error("--classifier_model_id needs --ref_model_id")
+    main(args)

@@ -1,19 +1,49 @@
 """Cost of guided decoding relative to plain sampling from the reference model.
 
     python bench/guidance_overhead.py [--json] [--ref_hidden 64 --ref_layers 24 --classifier_hidden 64 --classifier_layers 3]
+    python bench/guidance_overhead.py [--json] --ref_model_id REF --classifier_model_id LM [--dtype float32]
 
 Same prompts (``--batch_size`` 16, ``--max_new_tokens`` 64, temperature 0.8, top-p 0.9,
 one seed per call), same random Llama reference; a random classifier backbone with 1/8 of
 the reference's per-token compute gets a random Q head and a random V head (``--top_k``
 20, eta 10, bernoulli). The default pair has the same width and 1/8 of the layers, so the
 classifier costs 1/8 whether arithmetic or the per-layer call overhead of eager PyTorch
-dominates (at these sizes on a CPU, the latter). Each configuration runs once to warm up, then ``--repeats`` times, unguided
+dominates (at these sizes on a CPU, the latter). With ``--ref_model_id`` and
+``--classifier_model_id`` (both or neither) a real pair is loaded instead (``--dtype``,
+default float32; on the first GPU, else the CPU): the tokenizer is the reference's, the
+prompts the same texts as user turns of its chat template (raw when it has none), the
+classifier the backbone of the second LM with a random head (init_mode "random").
+Each configuration runs once to warm up, then ``--repeats`` times, unguided
 and guided interleaved (alternating which goes first); ``ratio`` is the median guided time
 over the median unguided time, ``pair_ratio_median`` the median of the per-repeat ratios.
-``limit`` is the compute-ratio floor ``1 + classifier / reference`` weights multiplied per
-token (a V head reads 1 + top_k tokens per step with those weights; on a decode that
-is bound by reading weights, not arithmetic, that costs about as much as one token).
-``--json`` prints one line per head: ``{"classifier_type", "ratio", "limit", ...}``.
+``steps`` are the generated lengths of the warm-up calls (unguided, guided) and
+``steps_range`` the least and most of the timed calls: a real pair's responses can end
+early, and a guided call that stops at another step does other work.
+
+Floors, per decode step (after the prompt), counted from the weight shapes (2-D weights:
+attention q, k, v, o and MLP projections of every layer; attention-score FLOPs, norms and
+embedding lookups left out; ``bench.common.guidance_floors``). With ``R`` the reference's
+multiply-adds per token (decoder layers + ``lm_head``, vocab x hidden, counted also when
+tied to the input embedding), ``B`` the classifier backbone's (decoder layers only: the
+head reads its hidden states, the LM's own head never runs), ``k`` = ``--top_k``, ``A``
+the head's outputs per token (1 for bce) and ``H`` its hidden size:
+
+- ``limit`` (compute) = 1 + C / R, with C = B + k * A * H for Q (one new token per row,
+  then only the k head rows of the candidates) and C = (1 + k) * B + k * A * H for V
+  (the processor feeds the new token and the k candidates, 1 + k tokens per row, through
+  the backbone in one forward, and the head runs on the k candidates' hidden states).
+- ``memory_limit`` (weights read) = 1 + classifier bytes / reference bytes, each read once
+  per step whatever k: the backbone + the A * H V head, or the backbone + the gathered Q
+  head rows (at most min(vocab, batch * k) * A * H), against the reference's weights with
+  its lm_head once.
+
+Neither floor bounds every run: a decode bound by arithmetic cannot beat ``limit``, one bound
+by reading weights cannot beat ``memory_limit``. A small-batch decode is mostly the latter
+(or per-call overhead), and the V head's 1 + k tokens per row go through the backbone in one
+wide forward that uses the hardware better than the reference's one token per row, so
+``ratio`` can fall well below a V head's ``limit``.
+
+``--json`` prints one line per head: ``{"classifier_type", "ratio", "limit", "memory_limit", ...}``.
 
 Where the extra time goes (medians over the guided runs, as shares of the unguided time):
 ``classifier_share`` is the classifier's own forward passes, ``processor_share`` the whole
@@ -35,7 +65,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    add_run_flags, add_size_flags, build_pair, elapsed, matmul_params, prompt_batch, set_threads,
+    add_pair_flags, add_run_flags, add_size_flags, build_pair, chat_prompt_batch, elapsed, guidance_floors, load_pair,
+    prompt_batch, set_threads, sync,
 )
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor, generate_responses  # noqa: E402
@@ -44,10 +75,14 @@ from utils.models import get_stop_ids  # noqa: E402
 
 def main(args: argparse.Namespace) -> None:
     set_threads(args.threads)
-    tokenizer, ref, lm = build_pair(args)
-    batch = prompt_batch(tokenizer, args.batch_size)
+    if args.ref_model_id is None:
+        tokenizer, ref, lm = build_pair(args)
+        batch = prompt_batch(tokenizer, args.batch_size)
+    else:
+        tokenizer, ref, lm = load_pair(args.ref_model_id, args.classifier_model_id, args.dtype)
+        batch = chat_prompt_batch(tokenizer, args.batch_size, ref.device)
+    device = ref.device
     stop_ids = get_stop_ids(ref, tokenizer)
-    ref_params = matmul_params(ref)
 
     def sample(processor):
         torch.manual_seed(args.seed)
@@ -55,13 +90,16 @@ def main(args: argparse.Namespace) -> None:
             ids, _ = generate_responses(
                 ref, batch, stop_ids, tokenizer.pad_token_id, args.max_new_tokens, args.temperature, args.top_p, processor
             )
+        sync(device)
         return ids.shape[1]
 
     def timed(fn, totals, key):
         """``fn`` that adds its wall time to ``totals[key]``."""
         def wrapper(*a, **kw):
+            sync(device)
             start = time.perf_counter()
             out = fn(*a, **kw)
+            sync(device)
             totals[key] += time.perf_counter() - start
             return out
         return wrapper
@@ -75,44 +113,49 @@ def main(args: argparse.Namespace) -> None:
                            {"__call__": timed(QSharpLogitsProcessor.__call__, totals, "processor")})
         processor = timed_class(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
         steps = (sample(None), sample(processor))  # warm-up
-        unguided, guided, inside = [], [], {"processor": [], "classifier": []}
+        unguided, guided, inside, lengths = [], [], {"processor": [], "classifier": []}, []
         for repeat in range(args.repeats):  # alternate the order so that a slow drift cancels
             for guided_run in ((False, True) if repeat % 2 == 0 else (True, False)):
                 totals.update(processor=0.0, classifier=0.0)
-                seconds = elapsed(lambda: sample(processor if guided_run else None))
+                seconds = elapsed(lambda: lengths.append(sample(processor if guided_run else None)))
                 (guided if guided_run else unguided).append(seconds)
                 if guided_run:
                     for key in inside:
                         inside[key].append(totals[key])
         unguided_s, guided_s = statistics.median(unguided), statistics.median(guided)
-        classifier_params = matmul_params(classifier.model) + (
-            args.top_k * spec.num_outputs * classifier.config.hidden_size if classifier_type == "Q" else classifier.score.weight.numel()
-        )
+        floors = guidance_floors(ref, classifier, args.top_k, args.batch_size)
         result = {
             "classifier_type": classifier_type,
             "ratio": round(guided_s / unguided_s, 4),
-            "limit": round(1 + classifier_params / ref_params, 4),
+            "limit": round(floors["limit"], 4),
+            "memory_limit": round(floors["memory_limit"], 4),
             "pair_ratio_median": round(statistics.median(g / u for g, u in zip(guided, unguided)), 4),
             "classifier_share": round(statistics.median(inside["classifier"]) / unguided_s, 4),
             "processor_share": round(statistics.median(inside["processor"]) / unguided_s, 4),
             "unguided_s": round(unguided_s, 4),
             "guided_s": round(guided_s, 4),
             "steps": list(steps),
-            "reference_params": ref_params,
-            "classifier_params": classifier_params,
+            "steps_range": [min(lengths), max(lengths)],
+            **{key: floors[key] for key in ("reference_macs", "classifier_macs", "reference_bytes", "classifier_bytes")},
             "batch_size": args.batch_size,
+            "max_new_tokens": args.max_new_tokens,
             "top_k": args.top_k,
+            "models": "random" if args.ref_model_id is None else f"{args.ref_model_id} + {args.classifier_model_id}",
+            "dtype": str(ref.dtype).removeprefix("torch."),
+            "device": str(device),
             "threads": torch.get_num_threads(),
         }
         if args.json:
             print(json.dumps(result), flush=True)
         else:
             print(f"{classifier_type}: guided {guided_s:.3f} s / unguided {unguided_s:.3f} s = {result['ratio']:.3f}x "
-                  f"(floor {result['limit']:.3f}x; {args.batch_size} x {steps[1]} tokens); classifier forward "
+                  f"(compute floor {result['limit']:.3f}x, memory floor {result['memory_limit']:.3f}x; "
+                  f"{args.batch_size} x {steps[1]} tokens); classifier forward "
                   f"{result['classifier_share']:.1%}, whole processor {result['processor_share']:.1%} of unguided", flush=True)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; a model id without the other is refused (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per call")
@@ -123,4 +166,12 @@ if __name__ == "__main__":
     parser.add_argument("--heads", nargs="+", default=["Q", "V"], choices=["Q", "V"], help="classifier heads to time")
     add_run_flags(parser, repeats=9, json_help="one JSON line per head")
     add_size_flags(parser)
-    main(parser.parse_args())
+    add_pair_flags(parser)
+    args = parser.parse_args(argv)
+    if (args.ref_model_id is None) != (args.classifier_model_id is None):
+        parser.error("--ref_model_id and --classifier_model_id go together (or neither: the random pair)")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
