@@ -3,8 +3,9 @@
     python scripts/summarize_quickstart.py --out quickstart_out/summary.json \
         --row reference=PATH/reward_stats_eta_0.0_top_k_20_temp_0.8.json --row cd=... --row qsharp_round1=... --row qsharp_round2=...
 
-Writes ``{"rows": [{"method", "pass_at_1", "maj_at_k", "pass_at_k", "kl_mean"}, ...]}`` and prints
-the same as a markdown table.
+Writes ``{"rows": [{"method", "pass_at_1", "maj_at_k", "pass_at_k", "kl_mean"}, ...]}`` (plus each
+value's 95% bootstrap interval, ``<key>_ci``, when the stats file has one) and prints the same as a
+markdown table.
 """
 
 from __future__ import annotations
@@ -27,11 +28,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+CI_KEYS = {"pass_at_1": "single_sample_accuracy_ci", "maj_at_k": "majority_vote_accuracy_ci",
+           "pass_at_k": "pass_k_accuracy_ci", "kl_mean": "kl_ci"}
+
+
+def cell(row: dict, key: str, digits: int) -> str:
+    """``0.443 [0.41, 0.48]``: the value and its 95% interval when the stats file has one."""
+    text = f"{row[key]:.{digits}f}"
+    interval = row.get(f"{key}_ci")
+    return text if interval is None else f"{text} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| method | pass@1 | maj@k | pass@k | KL |", "|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['method']} | {row['pass_at_1']:.3f} | {row['maj_at_k']:.3f} | "
-                     f"{row['pass_at_k']:.3f} | {row['kl_mean']:.2f} |")
+        lines.append(f"| {row['method']} | {cell(row, 'pass_at_1', 3)} | {cell(row, 'maj_at_k', 3)} | "
+                     f"{cell(row, 'pass_at_k', 3)} | {cell(row, 'kl_mean', 2)} |")
     return "\n".join(lines)
 
 
@@ -50,6 +62,7 @@ def main(args: argparse.Namespace) -> None:
             "maj_at_k": stats["majority_vote_accuracy_mean"],
             "pass_at_k": stats["pass_k_accuracy_mean"],
             "kl_mean": stats["kl_mean"],
+            **{f"{key}_ci": stats[ci] for key, ci in CI_KEYS.items() if ci in stats},
         })
     write_json(args.out, {"rows": rows})
     print(markdown(rows))
