@@ -57,3 +57,19 @@ def test_truncated_state_dict_keeps_first_layers_norm_and_embeddings():
     kept = truncated_state_dict(state, 6)
     assert sorted(kept) == sorted([f"model.layers.{i}.mlp.weight" for i in range(6)]
                                   + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+
+
+def test_sft_examples_end_in_a_box_and_train_on_the_response_only(tmp_path, tokenizer):
+    from utils.pretrain import make_batch
+    from utils.real_sft import encode, sft_examples
+
+    raw = tmp_path / "train.jsonl"
+    raw.write_text('{"question": "Q?", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\\n#### 1,024"}\n')
+    [(prompt, response)] = sft_examples(raw)
+    assert prompt.startswith("Problem:\n\nQ? Write your answer inside \\boxed{}.")
+    assert response == " She sold 48/2 = 24 clips.\nThe answer is \\boxed{1024}."
+    prompt_ids, response_ids = encode(tokenizer, prompt, response)
+    assert response_ids[-1] == tokenizer.eos_token_id
+    batch = make_batch([(prompt_ids, response_ids)], tokenizer.pad_token_id)
+    assert batch["labels"][0, : len(prompt_ids)].eq(-100).all()
+    assert batch["labels"][0, len(prompt_ids):].tolist() == response_ids

@@ -120,10 +120,18 @@ def save_checkpoint(state: dict[str, torch.Tensor], config, tokenizer, generatio
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.generation_config = generation_config
+    publish(folder, model, tokenizer)
+
+
+def publish(folder: Path, model, tokenizer, extra: dict[str, str] | None = None) -> None:
+    """``save_pretrained`` of model and tokenizer (and ``extra`` text files) under a temporary
+    name, then renamed to ``folder``: a killed run never leaves a folder that looks complete."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
-DEFAULT_STEPS = 10  # enough for the box (12 of 16 responses boxed, from none); a step costs 22 s on 2 cores
+DEFAULT_STEPS = 10  # enough to learn the box; a step costs 22 s on 2 cores (batch 8)
 BATCH_SIZE = 8
 LR = 5e-5
 MAX_LENGTH = 384
@@ -44,27 +43,12 @@ def sft_examples(raw_path: Path) -> list[tuple[str, str]]:
 
 
 def encode(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted prompt + response + EOS, and the labels (-100 on the prompt)."""
+    """Token ids of the chat-formatted prompt, and of the response + EOS (cut to ``MAX_LENGTH`` in all)."""
     from utils.models import format_prompts
 
     prompt_ids = tokenizer(format_prompts(tokenizer, [prompt], True)[0], add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:MAX_LENGTH]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:MAX_LENGTH]
-    return ids, labels
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels [batch, longest]."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -100)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, (ids, lab) in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(lab)] = torch.tensor(lab)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return prompt_ids, response_ids[: max(MAX_LENGTH - len(prompt_ids), 0)]
 
 
 def build_sft_reference(ref_dir: Path, raw_path: Path, out_dir: Path, steps: int | None = None, seed: int = 0) -> Path:
@@ -72,7 +56,8 @@ def build_sft_reference(ref_dir: Path, raw_path: Path, out_dir: Path, steps: int
     from transformers import AutoModelForCausalLM
 
     from utils.models import load_tokenizer
-    from utils.real_models import RealModelError, is_complete
+    from utils.pretrain import make_batch
+    from utils.real_models import RealModelError, is_complete, publish
 
     if is_complete(out_dir):
         print(f"reusing {out_dir}")
@@ -92,7 +77,7 @@ def build_sft_reference(ref_dir: Path, raw_path: Path, out_dir: Path, steps: int
     start = time.time()
     for step in range(steps):
         chunk = pairs[(step * BATCH_SIZE) % len(pairs) :][:BATCH_SIZE]
-        batch = collate([encode(tokenizer, p, r) for p, r in chunk], tokenizer.pad_token_id)
+        batch = make_batch([encode(tokenizer, p, r) for p, r in chunk], tokenizer.pad_token_id)  # loss on the response
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,13 +87,7 @@ def build_sft_reference(ref_dir: Path, raw_path: Path, out_dir: Path, steps: int
         if step % 20 == 0 or step == steps - 1:
             print(f"sft step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
     model.eval()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "sft.json").write_text(json.dumps({"base": str(ref_dir), "data": str(raw_path), "steps": steps,
-                                              "batch_size": BATCH_SIZE, "lr": LR, "seed": seed}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    settings = {"base": str(ref_dir), "data": str(raw_path), "steps": steps, "batch_size": BATCH_SIZE, "lr": LR, "seed": seed}
+    publish(out_dir, model, tokenizer, {"sft.json": json.dumps(settings, indent=2)})
     print(f"wrote {out_dir}")
     return out_dir
