@@ -278,6 +278,7 @@ for epoch in range(3):
     epochs.append([batch.tolist() for batch in loader])
 with open(f"{sys.argv[1]}.{accelerator.process_index}.json", "w") as handle:
     json.dump(epochs, handle)
+accelerator.end_training()  # releases the gloo group; exiting with it alive can abort ("terminate called ...")
 '''
 
 
