@@ -9,9 +9,13 @@
 
 Writes ``<output_dir>/<id>_r<repeat>.json`` for every problem of ``[start_index, end_index)``
 and repeat ``< num_samples``; existing files are skipped, so a re-run resumes and shards
-(different index ranges) can run in parallel. Round 2+: ``--is_first_round 0
---classifier_ckpt_path checkpoints/<exp>/ckpt_<step>`` guides the roll-in with that
-classifier; model and sampling flags not given are read from ``checkpoints/<exp>/args.json``.
+(different index ranges) can run in parallel. A batch is seeded by its first problem, so
+shards write the files of one run over their union when they share its ``--batch_size``
+and their ranges start and end on its chunk boundaries (multiples of ``--batch_size`` from
+its start, or its end); such ranges may overlap, even while both run. Round 2+:
+``--is_first_round 0 --classifier_ckpt_path checkpoints/<exp>/ckpt_<step>`` guides the
+roll-in with that classifier; model and sampling flags not given are read from
+``checkpoints/<exp>/args.json``.
 
 One process per GPU (``--multi_gpu`` also on a machine without GPUs, one process per
 ``--num_processes`` on the CPU)::

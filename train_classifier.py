@@ -48,14 +48,30 @@ from transformers import get_constant_schedule_with_warmup
 
 from utils.answers import MATCH_FNS
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
-from utils.cli import ARGS_FILE, ArgumentParser, int01, run
-from utils.data import remove_stale_temporaries, write_json
+from utils.cli import ARGS_FILE, ArgumentParser, int01, run, setting_differences
+from utils.data import read_json, remove_stale_temporaries, write_json
 from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
 from utils.guidance import resolve_guidance_mode
 from utils.metrics import eval_metrics
 from utils.models import check_classifier_vocab, load_tokenizer
 from utils.seeding import set_seed
 from utils.splits import load_split_map
+from utils.train_state import (
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_VERSION,
+    TRAINER_STATE_FILE,
+    IGNORED_ARGS,
+    get_states,
+    loader_generators,
+    newest_resumable,
+    prune,
+    rng_state,
+    set_rng_state,
+    set_states,
+    wandb_run_id,
+)
 from utils.training import (
     TokenBudgetBatchSampler,
     build_examples,
@@ -66,8 +82,6 @@ from utils.training import (
     split_examples,
 )
 
-# the original's names (its utils.py save_model); what --resume_opt_scheduler 1 reads
-OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "lr_scheduler.pt"
 OLD_SCHEDULER_FILE = "scheduler.pt"  # what this project wrote before
 # what the original's resume reads (no original code writes it): {"optimizer": ..., "scheduler": ...}
 COMBINED_STATE_FILE = "optimizer_scheduler_state.pt"
@@ -193,6 +207,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_opt_scheduler", type=int01, default=0,
                    help=f"1: every checkpoint also holds {OPTIMIZER_FILE} and {SCHEDULER_FILE} (the optimizer and "
                         "scheduler state that --resume_opt_scheduler 1 reads)")
+    p.add_argument("--resume", type=int01, default=0,
+                   help="1: continue from the newest complete checkpoint in --output_dir of a run with the same flags, "
+                        "to the weights an uninterrupted run ends with; its checkpoints also hold the optimizer, "
+                        "scheduler, counters, data position and RNG states")
+    p.add_argument("--keep_last_n", type=int, default=-1,
+                   help="keep only the newest N checkpoints (deleted after the next one is in place); -1 = keep all")
     p.add_argument("--seed", type=int, default=47, help="seed of init, ID split and shuffling")
     p.add_argument("--track", type=int01, default=0, help="1: log to wandb")
     p.add_argument("--wandb_entity", type=str, default=None, help="wandb entity")
@@ -224,6 +244,23 @@ def check_args(args, accelerator) -> None:
     for name in ("batch_size", "gradient_accumulation_step", "num_epochs", "eval_freq", "ckpt_freq"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if args.keep_last_n == 0 or args.keep_last_n < -1:
+        raise ValueError(f"--keep_last_n must be -1 (keep all) or at least 1, got {args.keep_last_n}")
+
+
+def resume_point(args, output_dir: Path, log=print) -> tuple[Path, dict] | None:
+    """With ``--resume 1``: the newest resumable checkpoint of a run with these flags, or None
+    (nothing to continue). A folder holding a run with other flags is refused, naming each."""
+    if not args.resume or not (output_dir / ARGS_FILE).is_file():
+        return None
+    differ = setting_differences(read_json(output_dir / ARGS_FILE), vars(args), ignore=IGNORED_ARGS)
+    if differ:
+        raise ValueError(f"--resume 1 but {output_dir} holds a run with other settings ({', '.join(differ)}); "
+                         "use another --output_dir, or remove that one to start over")
+    found = newest_resumable(output_dir, args.world_size, log=log)
+    if found is None:
+        log(f"train: --resume 1 but {output_dir} holds no resumable checkpoint; starting from the beginning")
+    return found
 
 
 def prepare_data(args, spec: ClassifierSpec, log=print):
@@ -295,11 +332,16 @@ def main(args: argparse.Namespace) -> None:
                       f"eta={args.eta}, top_k={args.top_k}, temperature={args.temperature} (recorded in args.json: the defaults "
                       f"of collection/eval from this run, top_k excepted) -> {output_dir}")
     train_examples, id_examples, ood_examples = prepare_data(args, spec, log=accelerator.print)
+    resumed = resume_point(args, output_dir, log=accelerator.print)  # (ckpt_<step>, trainer state) or None
+    accelerator.wait_for_everyone()  # every rank has read the folder before the main one cleans it
 
     tokenizer = load_tokenizer(args.ref_model_id)
     source = args.classifier_ckpt_path if args.init_mode == "warmstart" else args.classifier_model_id
     check_classifier_vocab(tokenizer, source)  # before any weights are read
-    model = build_classifier(args, spec)
+    if resumed:
+        model = QSharpClassifier.from_pretrained(resumed[0], spec=spec, dtype=args.dtype)
+    else:
+        model = build_classifier(args, spec)
     if accelerator.is_main_process:
         remove_stale_temporaries(output_dir)  # half-written checkpoints of a killed run
         write_json(output_dir / ARGS_FILE, vars(args))
@@ -313,12 +355,18 @@ def main(args: argparse.Namespace) -> None:
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=max(0, args.warmup_step))
+    if resumed:
+        resume_files = [resumed[0] / OPTIMIZER_FILE, resumed[0] / SCHEDULER_FILE]
     if resume_files:
         load_optimizer_scheduler(resume_files, optimizer, scheduler)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    generators = loader_generators(train_loader)  # the data order's randomness, saved with --resume 1
+    state = resumed[1] if resumed else {}
     if args.track:
-        accelerator.init_trackers(args.wandb_project or "qsharp", config=vars(args),
-                                  init_kwargs={"wandb": {"entity": args.wandb_entity, "name": args.wandb_run_name}})
+        wandb_kwargs = {"entity": args.wandb_entity, "name": args.wandb_run_name}
+        if args.resume:  # one wandb run per output folder, continued by every resume
+            wandb_kwargs.update(id=wandb_run_id(output_dir, accelerator.is_main_process), resume="allow")
+        accelerator.init_trackers(args.wandb_project or "qsharp", config=vars(args), init_kwargs={"wandb": wandb_kwargs})
     bernoulli = args.inference_mode == "bernoulli"  # also for an mle head, as the original logs them
 
     def evaluate(step: int) -> None:
@@ -330,27 +378,85 @@ def main(args: argparse.Namespace) -> None:
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             accelerator.log(metrics, step=step)
 
-    def save(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            extra = {OPTIMIZER_FILE: optimizer.state_dict(), SCHEDULER_FILE: scheduler.state_dict()} if args.save_opt_scheduler else None
-            accelerator.unwrap_model(model).save_pretrained(output_dir / f"ckpt_{step}", tokenizer=tokenizer, extra_state=extra)
-        accelerator.wait_for_everyone()
-
     accumulation, world_size = args.gradient_accumulation_step, args.world_size
     max_norm = V_HEAD_GRAD_CLIP if spec.classifier_type == "V" else float("inf")
-    save(0)
-    evaluate(0)  # the starting weights (an addition: the original first evaluates after the first batch)
-    batches = optimizer_steps = global_step = last_saved = last_evaluated = 0  # batches: this process's, all epochs
+    num_batches = len(train_loader)  # per process and epoch
+    counters = {"batches": 0, "optimizer_steps": 0, "global_step": 0, "last_saved": 0, "last_evaluated": 0}
+    counters.update({name: state[name] for name in counters if name in state})
+    epoch_start_states = get_states(generators)
+
+    def process_state(step_loss) -> dict:
+        """What this process alone knows: RNG states, the loader's generators, an unfinished accumulation."""
+        pending = counters["batches"] % accumulation
+        grads = [None if p.grad is None else p.grad.detach().cpu().clone() for p in model.parameters()] if pending else None
+        return {"rng": rng_state(), "generators_epoch_start": epoch_start_states, "generators_now": get_states(generators),
+                "grads": grads, "step_loss": step_loss}
+
+    def save(step: int, step_loss=0.0) -> None:
+        accelerator.wait_for_everyone()
+        counters["last_saved"] = step  # before the state is written: a resume from here must not save it again
+        extra = None
+        if args.resume:
+            states = [process_state(step_loss)]
+            if accelerator.num_processes > 1:
+                import torch.distributed as dist
+
+                gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
+                dist.gather_object(states[0], gathered, dst=0)
+                states = gathered
+            batches = counters["batches"]
+            epoch, position = divmod(batches, num_batches) if num_batches else (0, 0)
+            trainer_state = {"version": STATE_VERSION, "global_step": step, **counters, "epoch": epoch,
+                             "position": position, "accumulation_phase": batches % accumulation,
+                             "world_size": world_size}
+            extra = {TRAINER_STATE_FILE: trainer_state}
+            if accelerator.is_main_process:
+                extra.update({RNG_FILE.format(rank=rank): each for rank, each in enumerate(states)})
+        if args.resume or args.save_opt_scheduler:
+            extra = {**(extra or {}), OPTIMIZER_FILE: optimizer.state_dict(), SCHEDULER_FILE: scheduler.state_dict()}
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(output_dir / f"ckpt_{step}", tokenizer=tokenizer, extra_state=extra)
+            prune(output_dir, args.keep_last_n, log=accelerator.print)
+        accelerator.wait_for_everyone()
+
     step_loss, window_start, window_batches = 0.0, time.time(), 0
+    start_epoch, skip = 0, 0
+    if resumed:
+        mine = torch.load(resumed[0] / RNG_FILE.format(rank=accelerator.process_index), map_location="cpu",
+                          weights_only=False)
+        start_epoch, skip = state["epoch"], state["position"]
+        if mine["grads"] is not None:  # an accumulation the checkpoint cut: its gradient so far
+            for param, grad in zip(model.parameters(), mine["grads"]):
+                param.grad = None if grad is None else grad.to(param.device)
+            step_loss = mine["step_loss"]
+        accelerator.print(f"train: resuming from {resumed[0]} (epoch {start_epoch}, batch {skip} of {num_batches})")
+        if skip == 0:  # at an epoch boundary: the next epoch starts from the states of now
+            set_states(generators, mine["generators_now"])
+            set_rng_state(mine["rng"])
+        if state["global_step"] == 0:  # ckpt_0 is written before the starting weights are evaluated
+            evaluate(0)
+    else:
+        save(0)
+        evaluate(0)  # the starting weights (an addition: the original first evaluates after the first batch)
     model.train()
-    progress = tqdm(total=len(train_loader) * args.num_epochs, desc="train", unit="batch",
+    progress = tqdm(total=num_batches * args.num_epochs, initial=counters["batches"], desc="train", unit="batch",
                     disable=not accelerator.is_main_process)
-    for epoch in range(args.num_epochs):
+    for epoch in range(start_epoch, args.num_epochs):
         set_loader_epoch(train_loader, epoch)  # also a TokenBudgetBatchSampler behind accelerate's shard
-        for batch in train_loader:
-            batches += 1
-            global_step = global_step_after(batches, world_size)
+        continuing = resumed is not None and epoch == start_epoch and skip > 0
+        if continuing:  # the same batch order as the killed run's epoch
+            set_states(generators, mine["generators_epoch_start"])
+        epoch_start_states = get_states(generators)
+        for index, batch in enumerate(train_loader):
+            if continuing:
+                if index == 0:  # the loader has drawn its seeds: from here on, the killed run's states
+                    set_states(generators, mine["generators_now"])
+                    set_rng_state(mine["rng"])
+                if index < skip:
+                    continue
+            counters["batches"] += 1
+            batches = counters["batches"]
+            global_step = counters["global_step"] = global_step_after(batches, world_size)
             stepping = optimizer_step_due(batches, accumulation)
             with contextlib.nullcontext() if stepping else accelerator.no_sync(model):  # all-reduce once per step
                 logits = model(batch["input_ids"], batch["attention_mask"])
@@ -363,7 +469,7 @@ def main(args: argparse.Namespace) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-                optimizer_steps += 1
+                counters["optimizer_steps"] += 1
                 training_loss, step_loss = float(step_loss) / accumulation, 0.0  # mean over the step's micro-batches
                 minutes = (time.time() - window_start) / 60
                 progress.set_postfix(loss=f"{training_loss:.4f}")
@@ -373,20 +479,22 @@ def main(args: argparse.Namespace) -> None:
             progress.update(1)
             if eval_due(global_step, args.eval_freq):
                 evaluate(global_step)
-                last_evaluated = global_step
+                counters["last_evaluated"] = global_step
             if checkpoint_due(global_step, args.ckpt_freq):
-                save(global_step)
-                last_saved = global_step
-            if global_step in (last_evaluated, last_saved):  # the rate counts training time only
+                save(global_step, step_loss)
+            if global_step in (counters["last_evaluated"], counters["last_saved"]):  # the rate counts training time only
                 window_start, window_batches = time.time(), 0
     progress.close()
-    if global_step != last_saved:  # the last batch was no checkpoint: keep (and evaluate) its weights too, an addition
-        if global_step != last_evaluated:
+    global_step = counters["global_step"]
+    if global_step != counters["last_saved"]:  # the last batch was no checkpoint: keep (and evaluate) its weights too
+        if global_step != counters["last_evaluated"]:
             evaluate(global_step)
-        save(global_step)
+            counters["last_evaluated"] = global_step
+        save(global_step, step_loss)
     accelerator.end_training()
-    pending = batches % accumulation
-    accelerator.print(f"train: {global_step} steps ({batches} batches per process, {optimizer_steps} optimizer steps"
+    pending = counters["batches"] % accumulation
+    accelerator.print(f"train: {global_step} steps ({counters['batches']} batches per process, "
+                      f"{counters['optimizer_steps']} optimizer steps"
                       + (f"; the gradient of the last {pending} batch(es) was not applied" if pending else "")
                       + f"), last checkpoint {output_dir / f'ckpt_{global_step}'}")
 

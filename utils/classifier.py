@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -293,7 +294,8 @@ class QSharpClassifier(nn.Module):
         self, save_directory: str | os.PathLike, tokenizer=None, max_shard_size: str = "5GB", extra_state: dict | None = None
     ) -> None:
         """Write config.json (with the head settings), safetensors weights, the tokenizer and
-        ``extra_state`` (``{file name: object}``, saved with ``torch.save``, e.g. the optimizer).
+        ``extra_state`` (``{file name: object}``, saved with ``torch.save``, e.g. the optimizer;
+        a ``.json`` name is written as JSON).
 
         The directory is assembled under a temporary name and renamed into place, so a
         killed job never leaves a half-written checkpoint.
@@ -313,15 +315,23 @@ class QSharpClassifier(nn.Module):
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, state_dict in (extra_state or {}).items():
-                torch.save(state_dict, tmp / name)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
+                if name.endswith(".json"):
+                    (tmp / name).write_text(json.dumps(state_dict, indent=2))
+                else:
+                    torch.save(state_dict, tmp / name)
+            if target.exists():  # displaced under a temporary name: a kill in between leaves it to be cleaned
+                old = target.with_name(temporary_prefix(target.name) + "old")
                 os.replace(target, old)
-                os.replace(tmp, target)
+                try:
+                    os.replace(tmp, target)
+                except OSError:
+                    os.replace(old, target)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
+        except (SafetensorError, RuntimeError) as err:  # how safetensors and torch.save report a failed write
+            raise OSError(f"cannot write checkpoint {target}: {err}") from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -198,6 +198,14 @@ def _comparable(value: Any) -> Any:
     return value
 
 
+def setting_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"name <saved> there, <current> now"`` for every setting that differs (paths compared by
+    their real location), names in ``ignore`` left out."""
+    names = sorted((set(saved) | set(current)) - set(ignore))
+    return [f"{name} {saved.get(name)!r} there, {current.get(name)!r} now" for name in names
+            if _comparable(saved.get(name)) != _comparable(current.get(name))]
+
+
 def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
     """Keep one run's files apart from another's: the first run records ``settings`` in
     ``folder/.run_settings.json``; a later run (a resume, another shard) must bring the same.
@@ -218,10 +226,9 @@ def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> N
     holds_results = any(p.name != LEGACY_SETTINGS_FILE and not p.name.startswith(".") for p in Path(folder).iterdir())
     if path.is_file():
         saved = read_json(path)
-        differ = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+        differ = setting_differences(saved, current)
         if differ and holds_results:
-            details = ", ".join(f"{name} {saved.get(name)!r} there, {current.get(name)!r} now" for name in differ)
-            raise ValueError(f"{folder} holds files from other settings ({details}); "
+            raise ValueError(f"{folder} holds files from other settings ({', '.join(differ)}); "
                              "use another output folder, or remove that one to start over")
         if not differ:
             return

@@ -29,8 +29,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     """Open a temporary file next to ``path``; rename it over ``path`` only on success.
 
     An exception inside the block leaves ``path`` untouched (old content or absent) and
-    removes the temporary file. A process killed outright (SIGKILL, out of memory) can
-    leave its temporary behind; :func:`remove_stale_temporaries` clears those.
+    removes the temporary file; an ``OSError`` without a file name (a full disk: ENOSPC from
+    a write, the flush or ``os.fsync``) is given ``path``, so that its one-line message names
+    the file. A process killed outright (SIGKILL, out of memory) can leave its temporary
+    behind; :func:`remove_stale_temporaries` clears those.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,9 +44,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions of a plain open(), not mkstemp's 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)
         raise
 
 
