@@ -241,11 +241,14 @@ def test_incomplete_checkpoints_are_never_resumed_from(work, reference):
 
 
 def test_other_settings_are_refused_naming_each(work, reference):
-    result = train(work, "reference", "--lr", "2e-3", "--num_workers", "0", "--keep_last_n", "3")
-    assert result.returncode == 2
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --resume 1 but reference holds a run with other settings (lr 0.001 there, 0.002 now)")
-    assert "Traceback" not in result.stderr
+    import train_classifier
+
+    args = train_classifier.parse_args([*work["flags"], "--output_dir", str(reference), "--lr", "2e-3",
+                                        "--num_workers", "0", "--keep_last_n", "3"])  # the last two may change
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(lr 0.001 there, 0.002 now\); "):
+        train_classifier.resume_point(args, reference)
+    args = train_classifier.parse_args([*work["flags"], "--output_dir", "elsewhere"])  # the folder may move
+    assert train_classifier.resume_point(args, reference, log=lambda line: None)[0] == reference / "ckpt_18"
 
 
 def test_a_finished_run_is_left_as_it_is(work, reference):
@@ -268,3 +271,28 @@ def test_two_processes_resume_to_the_same_weights(work):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from two/ckpt_10 " in result.stdout
     assert_same_checkpoints(work["root"] / "two", work["root"] / "two_reference")
+
+
+def test_wandb_run_is_resumed_from_the_checkpoint_step(work, reference):
+    """--track 1: the resumed process continues the killed one's wandb run (same id, offline)
+    and logs only the steps after its checkpoint, so nothing before it appears twice; the two
+    offline files together hold every step of the uninterrupted series."""
+    from tests.test_tracking import inspect, wandb_env
+
+    (work["root"] / "wandb").mkdir()
+    env = wandb_env(work["root"] / "wandb", os.pathsep.join([str(work["root"] / "hook"), str(REPO)]))
+    base = [sys.executable, str(REPO / "train_classifier.py"), *work["flags"], "--output_dir", "tracked", "--track", "1"]
+    killed = subprocess.run(base, cwd=work["root"], env={**env, "QSHARP_KILL": "opt_step:4"}, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = subprocess.run(base, cwd=work["root"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0 and "resuming from tracked/ckpt_5 " in resumed.stdout, resumed.stderr[-3000:]
+    runs = sorted((work["root"] / "wandb" / "wandb_dir" / "wandb").glob("offline-run-*"))
+    run_id = (work["root"] / "tracked" / ".wandb_run_id").read_text().strip()
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
+    steps = []
+    for run in runs:
+        records = [json.loads(line) for line in inspect(run, env).splitlines()]
+        steps.append([r["history"]["item"]["_step"] for r in records if r["type"] == "history"])
+    assert steps[1] == [6, 8, 10, 12, 14, 16, 18], steps  # from the step after ckpt_5 on, each once
+    assert set(steps[0]) <= {0, 1, 2, 4, 6}, steps  # what the killed run got onto disk before the kill
