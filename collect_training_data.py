@@ -131,8 +131,8 @@ def main(args: argparse.Namespace) -> None:
             if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
     done = len(chunks) * args.num_samples - len(work)
     span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
-    print(f"{process.label()}collect: {span}, {args.num_samples} repeats, "
-          f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
+    process.say(f"collect: {span}, {args.num_samples} repeats, "
+                f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
     if not work:
         return
     device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU

@@ -228,8 +228,8 @@ def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output
     chunks = [mine[i : i + point.batch_size] for i in range(0, len(mine), point.batch_size)]
     work = [(r, chunk) for r in range(point.num_samples) for chunk in chunks
             if not all((sample_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    print(f"{process.label()}eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
-          f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
+    process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
+                f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
     if work:
         processor = models.processor(point)  # before the reference: a bad checkpoint fails first
         ref_model, stop_ids = models.reference()

@@ -17,6 +17,7 @@ variables that the launchers set; without them a run is one process of one.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Sequence, TypeVar
@@ -49,6 +50,13 @@ class Process:
     def label(self) -> str:
         """``"[rank 1/2] "`` in a multi-process run, ``""`` otherwise (prefix of per-rank log lines)."""
         return f"[rank {self.rank}/{self.world_size}] " if self.distributed else ""
+
+    def say(self, message: str) -> None:
+        """Print ``message`` behind this rank's label as one write, then flush: the lines of
+        processes sharing one stdout pipe never run into each other (``print`` writes the
+        text and its newline separately)."""
+        sys.stdout.write(f"{self.label()}{message}\n")
+        sys.stdout.flush()
 
 
 def _env_int(name: str, default: int) -> int:
