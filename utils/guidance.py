@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor, TopPLogitsWarper
 
+from utils.kv_cache import leading_masked, left_pad_seq, merge as merge_caches, select as select_cache, trim_left
 from utils.models import attention_window, response_lengths
 from utils.classifier import ClassifierSpec, QSharpClassifier, expected_reward, position_ids_from_mask
 from utils.registry import choose
@@ -221,17 +222,22 @@ class QSharpLogitsProcessor(LogitsProcessor):
             raise ValueError("no KL recorded: create the processor with kl_temperature and run it first")
         return torch.stack(steps, dim=1)
 
-    def _record_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> None:
-        """Append this step's KL of the guided against the reference logits (both raw, [batch, vocab]):
-        :func:`kl_divergence` after and before top-p, sharing the reference's log-probabilities."""
+    def step_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's KL of the guided against the reference logits (both raw, [batch, vocab]):
+        :func:`kl_divergence` after and before top-p ([batch] each), sharing the reference's
+        log-probabilities."""
         log_q = torch.log_softmax(_scaled(scores, self.kl_temperature), dim=-1)  # [batch, vocab]
         scaled = _scaled(guided, self.kl_temperature)
         plain = _kl_from_log_probs(torch.log_softmax(scaled, dim=-1), log_q)
-        self._kl_plain_steps.append(plain)
         if self.kl_top_p >= 1.0:
-            self._kl_steps.append(plain)
-        else:
-            self._kl_steps.append(_kl_from_log_probs(torch.log_softmax(top_p_filter(scaled, self.kl_top_p), dim=-1), log_q))
+            return plain, plain
+        return _kl_from_log_probs(torch.log_softmax(top_p_filter(scaled, self.kl_top_p), dim=-1), log_q), plain
+
+    def _record_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> None:
+        """Append this step's :meth:`step_kl`."""
+        kl, plain = self.step_kl(guided, scores)
+        self._kl_steps.append(kl)
+        self._kl_plain_steps.append(plain)
 
     # ---- per-step entry point
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -245,11 +251,23 @@ class QSharpLogitsProcessor(LogitsProcessor):
 
     def _guide(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The guided logits [batch, vocab]: ``scores`` with the offsets on each row's candidates."""
+        candidates, vocab = self._candidates(scores)
+        rows, logits = self._values(input_ids, candidates)  # [active], [active, k or vocab, A]
+        return self._apply(scores, candidates, rows, logits, vocab)
+
+    def _candidates(self, scores: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """Each row's top-k candidate ids [batch, k] (``None``: every token, Q only) and the
+        guided vocabulary width."""
         vocab = min(scores.shape[-1], self.classifier.vocab_size)
         k = vocab if self.top_k == -1 else min(self.top_k, vocab)
-        full_q = k == vocab and self.classifier.spec.classifier_type == "Q"
-        candidates = None if full_q else scores[:, :vocab].topk(k, dim=-1).indices  # [batch, k]
-        rows, logits = self._values(input_ids, candidates)  # [active], [active, k or vocab, A]
+        if k == vocab and self.classifier.spec.classifier_type == "Q":
+            return None, vocab
+        return scores[:, :vocab].topk(k, dim=-1).indices, vocab
+
+    def _apply(self, scores, candidates, rows, logits, vocab: int) -> torch.Tensor:
+        """``scores`` with the offsets of head ``logits`` [active, k or vocab, A] added to the
+        ``candidates`` of the active ``rows`` (``None`` = all)."""
+        full_q = candidates is None
         offsets = guidance_offsets(logits, self.mode, self.eta, self.classifier.spec).to(scores.dtype)
         guided = scores.clone()
         if full_q:
@@ -280,6 +298,12 @@ class QSharpLogitsProcessor(LogitsProcessor):
         new_ids = input_ids[rows, -1:] if active < batch else input_ids[:, -1:]  # [active, 1]
         if active < batch and candidates is not None:
             candidates = candidates[rows]
+        return (None if active == batch else rows), self._advance(new_ids, candidates)
+
+    def _advance(self, new_ids: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
+        """Read one new token per cached row (``new_ids`` [active, 1]); head logits of the
+        ``candidates`` [active, k] (``None``: every token, Q only), [active, k or vocab, A]."""
+        active = new_ids.shape[0]
         key_mask = self._grow_key_mask()  # [active, 1, 1, seen_len]
         position = self._next_pos
         self._next_pos = position + 1
@@ -296,12 +320,13 @@ class QSharpLogitsProcessor(LogitsProcessor):
             )
             position_ids = torch.cat([position, (position + 1).expand(-1, k)], dim=1)  # [active, 1 + k]
             logits = self._v_forward(torch.cat([new_ids, candidates], dim=1), mask, position_ids, k)
-        return (None if active == batch else rows), logits
+        return logits
 
-    def _read_prompt(self, input_ids: torch.LongTensor, candidates: torch.Tensor | None) -> torch.Tensor:
+    def _read_prompt(self, input_ids: torch.LongTensor, candidates: torch.Tensor | None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
         """First step of a sequence: read the whole (left-padded) prompt; logits [batch, k, A]."""
         batch, n = input_ids.shape
-        mask = self._prompt_mask
+        mask = self._prompt_mask if mask is None else mask
         if mask is None or tuple(mask.shape) != (batch, n):
             if self.pad_token_id is None:
                 mask = torch.ones_like(input_ids)
@@ -403,6 +428,59 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self._key_mask, self._next_pos = self._key_mask[index], self._next_pos[index]
         if index.numel() > 0:
             self._cache.batch_select_indices(index)
+
+
+    # ---- rows that join and leave (continuous batching, ``utils.engine``)
+    def guide_rows(self, scores: torch.Tensor, new_ids: torch.Tensor | None, join: dict | None) -> torch.Tensor:
+        """The guided logits [rows, vocab] of a batch whose rows come and go.
+
+        ``scores`` [old + joining, vocab] are the reference logits of the rows the processor
+        already follows (in its order) and then of the rows joining now. ``new_ids`` [old, 1]:
+        the token each old row emitted last step (``None`` when there are none); ``join``: the
+        left-padded ``input_ids`` / ``attention_mask`` of the joining rows' prompts (or
+        ``None``). The joiners' prompts are read into a cache of their own, which is then
+        merged into the running one with left padding. Rows leave through :meth:`select_rows`.
+        """
+        candidates, vocab = self._candidates(scores)
+        n_old = 0 if new_ids is None else new_ids.shape[0]
+        parts = []
+        if n_old:
+            parts.append(self._advance(new_ids, None if candidates is None else candidates[:n_old]))
+        if join is not None:
+            old = (self._cache, self._key_mask, self._seen, self._next_pos) if n_old else None
+            parts.append(self._read_prompt(join["input_ids"], None if candidates is None else candidates[n_old:],
+                                           join["attention_mask"]))
+            if old is not None:
+                self._merge_rows(*old)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)  # [old + joining, k or vocab, A]
+        return self._apply(scores, candidates, None, logits, vocab)
+
+    def _merge_rows(self, cache, key_mask, seen: int, next_pos) -> None:
+        """Put the rows of an earlier state (``cache``, ``key_mask`` with ``seen`` valid columns,
+        ``next_pos``) before the current ones, the shorter left-padded (masked) to the longer."""
+        length = max(seen, self._seen)
+        lowest = torch.finfo(key_mask.dtype).min
+        merged = torch.cat([left_pad_seq(key_mask[..., :seen], length, dim=-1, value=lowest),
+                            left_pad_seq(self._key_mask[..., : self._seen], length, dim=-1, value=lowest)])
+        self._key_mask = torch.cat([merged, torch.zeros_like(merged[..., :16])], dim=-1)  # spare columns
+        self._seen = length
+        self._cache = merge_caches(cache, self._cache)
+        self._next_pos = torch.cat([next_pos, self._next_pos])
+        self._rows = torch.arange(self._next_pos.shape[0], device=self._next_pos.device)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep`` [n] (indices in the processor's order) and drop the leading
+        cache columns that no kept row attends to."""
+        if keep.numel() == 0:
+            self._cache, self._key_mask, self._seen, self._next_pos, self._rows = None, None, 0, None, None
+            return
+        self._key_mask, self._next_pos = self._key_mask[keep], self._next_pos[keep]
+        self._cache = select_cache(self._cache, keep)
+        self._rows = torch.arange(keep.numel(), device=keep.device)
+        start = leading_masked(self._key_mask[:, 0, 0, : self._seen] == 0)
+        if start:
+            self._key_mask, self._seen = self._key_mask[..., start:], self._seen - start
+            self._cache = trim_left(self._cache, start)
 
 
 def generate_responses(

@@ -5,21 +5,10 @@ from __future__ import annotations
 import torch
 
 from utils.answers import grade
+from utils.engine import left_pad
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, generate_responses, is_noop_guidance, resolve_guidance_mode
 from utils.models import check_classifier_vocab, default_device, format_prompts, tokenize_texts
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask`` [batch, max_len] from id lists."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
 def unpadded_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:

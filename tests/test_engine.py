@@ -1,0 +1,205 @@
+"""The continuous-batching engine (``utils.engine``): greedy equality with ``generate()``,
+samples independent of their batch mates, classifier values under joins and leaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from tests.test_guidance import expected_guided
+from utils.classifier import ClassifierSpec, QSharpClassifier
+from utils.engine import ContinuousEngine, Request, left_pad
+from utils.guidance import QSharpLogitsProcessor, generate_responses
+from utils.models import get_stop_ids
+
+BUDGET = 20
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    """Seven prompts of different lengths (3 to 15 tokens)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    lengths = [3, 15, 7, 11, 4, 9, 13]
+    return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def processor_for(make_classifier, classifier_type, **kwargs):
+    if classifier_type is None:
+        return None
+    return QSharpLogitsProcessor(make_classifier(classifier_type, "bce"), eta=3.0, top_k=5, **kwargs)
+
+
+def run_engine(ref_model, stop_ids, pad, requests, batch_size, processor=None, **kwargs):
+    """{tag: request} of every finished request."""
+    engine = ContinuousEngine(ref_model, stop_ids, pad, batch_size, processor=processor, **kwargs)
+    done = {}
+    engine.run(requests, lambda r: done.__setitem__(r.tag, r))
+    return done, engine
+
+
+@pytest.fixture(scope="module")
+def early_stops(ref_model, tokenizer, prompts):
+    """Stop ids that end the greedy responses at different steps: the EOS plus two tokens that
+    the unguided greedy responses emit part-way."""
+    stops = get_stop_ids(ref_model, tokenizer)
+    ids, lengths = generate_responses(ref_model, left_pad(prompts, tokenizer.pad_token_id), stops,
+                                      tokenizer.pad_token_id, BUDGET, temperature=0)
+    return sorted(set(stops) | {int(ids[0, 6]), int(ids[3, 12])})
+
+
+@pytest.mark.parametrize("classifier_type", [None, "Q", "V"])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_greedy_equals_generate(ref_model, tokenizer, make_classifier, prompts, early_stops, classifier_type, batch_size):
+    """Temperature 0: token for token the output of ``model.generate()`` on the whole batch,
+    unguided and Q- or V-guided, with rows ending at different steps and (batch size < 7)
+    requests joining mid-run."""
+    pad = tokenizer.pad_token_id
+
+    def generate(stops):
+        ids, lengths = generate_responses(ref_model, left_pad(prompts, pad), stops, pad, BUDGET, temperature=0,
+                                          processor=processor_for(make_classifier, classifier_type, pad_token_id=pad))
+        return ids, [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
+
+    ids, _ = generate(early_stops)  # this guidance's own responses: stop at two of their tokens
+    early_stops = sorted(set(early_stops) | {int(ids[1, 5]), int(ids[4, 11])})
+    _, expected = generate(early_stops)
+    assert len(set(len(e) for e in expected)) > 2, "rows must end at different steps"
+    requests = [Request(p, BUDGET, seed=0, guided=True, tag=i) for i, p in enumerate(prompts)]
+    done, engine = run_engine(ref_model, early_stops, pad, requests, batch_size, temperature=0,
+                              processor=processor_for(make_classifier, classifier_type))
+    assert [done[i].tokens for i in range(len(prompts))] == expected
+    assert engine.stats["tokens"]["sample"] == sum(len(e) for e in expected)
+
+
+def test_sample_does_not_depend_on_batch_mates(ref_model, tokenizer, make_classifier, prompts, early_stops):
+    """One request sampled alone, and among other neighbours in batches of 3 and 8: the same
+    tokens and the same KL (V-guided, temperature 0.8, top-p 0.9)."""
+    pad = tokenizer.pad_token_id
+    target = Request(prompts[2], BUDGET, seed=1234, guided=True, tag="target")
+
+    def sample(neighbours, batch_size):
+        requests = [Request(p, BUDGET - i, seed=7 + i, guided=True, tag=i) for i, p in enumerate(neighbours)]
+        requests.insert(len(requests) // 2, Request(target.prompt, BUDGET, seed=target.seed, guided=True, tag="target"))
+        processor = processor_for(make_classifier, "V", kl_temperature=0.8, kl_top_p=0.9)
+        done, _ = run_engine(ref_model, early_stops, pad, requests, batch_size, processor, temperature=0.8, top_p=0.9)
+        return done["target"]
+
+    alone = sample([], 1)
+    assert len(alone.tokens) > 3
+    for neighbours, batch_size in [(prompts[:1] + prompts[4:5], 3), (prompts[3:], 3), (prompts, 8), (prompts[::-1], 8)]:
+        other = sample(neighbours, batch_size)
+        assert other.tokens == alone.tokens
+        torch.testing.assert_close(torch.tensor(other.token_kl), torch.tensor(alone.token_kl), atol=1e-5, rtol=1e-5)
+    another_seed = Request(target.prompt, BUDGET, seed=99, guided=True, tag="target")
+    done, _ = run_engine(ref_model, early_stops, pad, [another_seed], 1,
+                         processor_for(make_classifier, "V"), temperature=0.8, top_p=0.9)
+    assert done["target"].tokens != alone.tokens  # the seed does decide the sample
+
+
+def sliding_classifier(tokenizer, classifier_type):
+    config = MistralConfig(sliding_window=6, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                           pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    classifier = QSharpClassifier.from_causal_lm(lm, ClassifierSpec(classifier_type, "bce"), dtype="float32").eval()
+    with torch.no_grad():
+        classifier.score.weight.normal_(0.0, 1.0)
+    return classifier
+
+
+@pytest.mark.parametrize("classifier_type", ["Q", "V"])
+@pytest.mark.parametrize("backbone", ["llama", "mistral-window-6"])
+def test_classifier_values_under_joins_and_leaves(monkeypatch, ref_model, tokenizer, make_classifier, prompts,
+                                                  early_stops, classifier_type, backbone):
+    """At every step, the guided logits of every live row equal a from-scratch recomputation
+    (no cache) on that row's prompt + tokens so far, while rows leave and join (batch 3,
+    float32); a sliding-window classifier included."""
+    classifier = (make_classifier(classifier_type, "bce") if backbone == "llama"
+                  else sliding_classifier(tokenizer, classifier_type))
+    processor = QSharpLogitsProcessor(classifier, eta=3.0, top_k=5)
+    original = ContinuousEngine._process
+    checked = {"steps": 0, "joins": 0, "rows": set()}
+
+    def checking(self, scores, live, n_old, last, joiners):
+        guided = original(self, scores, live, n_old, last, joiners)
+        sequences = [r.prompt + r.tokens for r in live]
+        batch = left_pad(sequences, tokenizer.pad_token_id)
+        expected, _ = expected_guided(classifier, batch["input_ids"], batch["attention_mask"], scores, "bernoulli", 3.0, 5)
+        torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-5,
+                                   msg=lambda m: f"step {checked['steps']}: {m}")
+        checked["steps"] += 1
+        checked["joins"] += bool(joiners) and n_old > 0
+        checked["rows"].update(r.tag for r in live)
+        return guided
+
+    monkeypatch.setattr(ContinuousEngine, "_process", checking)
+    requests = [Request(p, BUDGET - 2 * i, seed=i, guided=True, tag=i) for i, p in enumerate(prompts)]  # leave apart
+    done, _ = run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, processor, temperature=0.8)
+    assert len(done) == len(prompts) and checked["rows"] == set(range(len(prompts)))
+    assert checked["joins"] >= 2, "requests must join a running batch"
+    if backbone != "llama":
+        assert max(len(r.prompt) + len(r.tokens) for r in done.values()) > 6  # past the window
+
+
+def test_follow_ups_and_unguided_rows_share_the_batch(ref_model, tokenizer, make_classifier, prompts, early_stops):
+    """``on_finish`` may return follow-ups (as a roll-in returns its roll-out); they join the same
+    batch unguided next to guided rows, and equal the same requests decoded on their own."""
+    pad = tokenizer.pad_token_id
+    processor = processor_for(make_classifier, "V")
+    order = []
+
+    def on_finish(request):
+        order.append(request.tag)
+        if request.kind == "roll_in":
+            return [Request(request.prompt + request.tokens[:2], BUDGET, seed=request.seed + 1, kind="roll_out",
+                            tag=("out", request.tag))]
+        return None
+
+    requests = [Request(p, BUDGET - i, seed=i, guided=True, kind="roll_in", tag=i) for i, p in enumerate(prompts)]
+    engine = ContinuousEngine(ref_model, early_stops, pad, 3, processor=processor, temperature=0.8)
+    finished = {}
+    engine.run(requests, lambda r: (finished.__setitem__(r.tag, r), on_finish(r))[1])
+    assert len(finished) == 2 * len(prompts)
+    first_out = min(i for i, tag in enumerate(order) if isinstance(tag, tuple))
+    assert first_out < len(prompts) - 1, "a roll-out must start while other roll-ins are still running"
+    alone = {}
+    for i in range(len(prompts)):
+        rollout = finished[("out", i)]
+        single = Request(rollout.prompt, BUDGET, seed=rollout.seed, tag="x")
+        done, _ = run_engine(ref_model, early_stops, pad, [single], 1, temperature=0.8)
+        alone[i] = done["x"].tokens
+        assert alone[i] == rollout.tokens
+    assert engine.stats["tokens"]["roll_out"] == sum(len(t) for t in alone.values())
+
+
+def test_prefill_cap_and_bad_sizes(ref_model, tokenizer, prompts, early_stops):
+    """``max_batch_tokens`` bounds a step's padded prefill (one request always joins); sizes
+    below 1 (batch) or 0 (cap) are refused."""
+    pad = tokenizer.pad_token_id
+    widths = []
+    original = ContinuousEngine._admit
+
+    def recording(self, queue, n_live, on_finish):
+        joiners = original(self, queue, n_live, on_finish)
+        if joiners:
+            widths.append(len(joiners) * max(len(r.prompt) for r in joiners))
+        return joiners
+
+    ContinuousEngine._admit = recording
+    try:
+        requests = [Request(p, BUDGET, seed=i, tag=i) for i, p in enumerate(prompts)]
+        done, _ = run_engine(ref_model, early_stops, pad, requests, 8, temperature=0, max_batch_tokens=20)
+    finally:
+        ContinuousEngine._admit = original
+    assert len(done) == len(prompts)
+    assert all(w <= 20 or w == max(len(p) for p in prompts) for w in widths) and len(widths) > 1
+    expected, _ = run_engine(ref_model, early_stops, pad, [Request(p, BUDGET, 0, tag=i) for i, p in enumerate(prompts)],
+                             8, temperature=0)
+    assert {k: r.tokens for k, r in done.items()} == {k: r.tokens for k, r in expected.items()}
+    with pytest.raises(ValueError, match="--batch_size"):
+        ContinuousEngine(ref_model, early_stops, pad, 0)
+    with pytest.raises(ValueError, match="--max_batch_tokens"):
+        ContinuousEngine(ref_model, early_stops, pad, 2, max_batch_tokens=-1)

@@ -1,0 +1,230 @@
+"""Continuous batching: a decode loop that keeps up to ``batch_size`` live rows and refills them.
+
+Each step is one forward of the reference over the live rows with their KV cache (plus a
+prefill of the requests that join this step), then the logits processors in ``generate()``'s
+order: the Q# processor on the guided rows, then transformers' ``TemperatureLogitsWarper``
+and ``TopPLogitsWarper``, then sampling. A row that emits a stop id or reaches its budget
+leaves at once, with its cache rows; a queued request takes its place by prefill, its cache
+merged into the running one with left padding. Position ids come from the attention mask,
+as ``generate()`` computes them, so greedy decoding (``temperature == 0``) reproduces
+``generate()`` token for token.
+
+Every request samples from its own stream: at join it draws ``max_new_tokens`` uniforms
+from a generator seeded with ``Request.seed`` and samples step ``t`` by the inverse CDF at
+the ``t``-th of them. Its tokens therefore do not depend on its batch mates, the batch
+size, the process or a restart. Unlike ``generate()``, the model's generation config is not
+read: the sampling is exactly temperature, top-p and the given processor.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+
+from utils.classifier import position_ids_from_mask
+from utils.kv_cache import leading_masked, left_pad_seq, merge, select, trim_left
+
+
+@dataclass
+class Request:
+    """One sequence to decode: ``prompt`` ids (unpadded), its budget and seed.
+
+    ``guided`` rows go through the processor (and get their KL recorded when it records KL);
+    ``tag`` is the caller's. The engine fills ``tokens`` (up to and including the stop id) and,
+    with KL recording, ``token_kl`` / ``token_kl_before_top_p`` (one value per token).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    guided: bool = False
+    tag: object = None
+    kind: str = "sample"
+    tokens: list[int] = field(default_factory=list)
+    token_kl: list[float] = field(default_factory=list)
+    token_kl_before_top_p: list[float] = field(default_factory=list)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` [batch, max_len] from id lists."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+class ContinuousEngine:
+    """Decodes a queue of :class:`Request` with at most ``batch_size`` live rows.
+
+    ``max_batch_tokens`` > 0 caps a step's prefill at that many padded prompt tokens (one
+    request always joins when a row is free). ``processor`` (a ``QSharpLogitsProcessor``)
+    guides the rows whose request has ``guided`` set; with ``kl_temperature`` set it also
+    records their KL, a no-op guidance included. ``stats`` counts, per request ``kind``, the
+    tokens decoded, and the step slots (``batch_size`` per step) the loop ran.
+    """
+
+    def __init__(self, model, stop_ids: list[int], pad_token_id: int, batch_size: int, *, temperature: float = 1.0,
+                 top_p: float = 1.0, processor=None, max_batch_tokens: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        if max_batch_tokens < 0:
+            raise ValueError(f"--max_batch_tokens must be 0 (no cap) or positive, got {max_batch_tokens}")
+        self.model, self.pad_token_id, self.batch_size = model, pad_token_id, batch_size
+        self.stop_ids = set(int(i) for i in stop_ids)
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.processor, self.max_batch_tokens = processor, max_batch_tokens
+        self.warpers = []
+        if self.temperature > 0 and self.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.temperature > 0 and self.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(self.top_p, min_tokens_to_keep=1))
+        self.stats = {"steps": 0, "slot_steps": 0, "tokens": {}}
+
+    # ---- the loop
+    @torch.no_grad()
+    def run(self, requests: Iterable[Request], on_finish: Callable[[Request], list[Request] | None]) -> None:
+        """Decode every request; ``on_finish(request)`` is called as each one ends and may return
+        follow-up requests, which go to the front of the queue."""
+        device = self.model.device
+        queue = deque(requests)
+        live: list[Request] = []
+        cache = mask = next_pos = last = uniforms = None  # [rows, ...] state of the live rows
+        guided_live = self.processor is not None and not self.processor.is_noop
+        if guided_live:
+            self.processor.reset(stop_ids=sorted(self.stop_ids))
+        while queue or live:
+            joiners = self._admit(queue, len(live), on_finish)
+            if not live and not joiners:
+                continue
+            n_old = len(live)
+            logits = []
+            if n_old:
+                mask = torch.cat([mask, mask.new_ones(n_old, 1)], dim=1)  # [old, seen + 1]
+                out = self.model(input_ids=last, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                                 use_cache=True)
+                cache, next_pos = out.past_key_values, next_pos + 1
+                logits.append(out.logits[:, -1].float())
+            if joiners:
+                batch = left_pad([r.prompt for r in joiners], self.pad_token_id, device)
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=position_ids_from_mask(batch["attention_mask"]),
+                                 past_key_values=DynamicCache(), use_cache=True)
+                logits.append(out.logits[:, -1].float())
+                width = max(batch["attention_mask"].shape[1], 0 if mask is None else mask.shape[1])
+                join_mask = left_pad_seq(batch["attention_mask"], width, dim=1)
+                mask = join_mask if mask is None else torch.cat([left_pad_seq(mask, width, dim=1), join_mask])
+                cache = merge(cache, out.past_key_values)
+                join_pos = batch["attention_mask"].sum(-1, keepdim=True)  # [joining, 1]
+                next_pos = join_pos if next_pos is None else torch.cat([next_pos, join_pos])
+                own = [self._uniforms(r) for r in joiners]
+                budget = max(d.shape[0] for d in own)
+                draws = torch.stack([widen(d[None], budget)[0] for d in own]).to(device)  # [joining, budget]
+                uniforms = draws if uniforms is None else torch.cat([widen(uniforms, draws.shape[1]),
+                                                                     widen(draws, uniforms.shape[1])])
+                live = live + joiners
+            scores = logits[0] if len(logits) == 1 else torch.cat(logits)  # [live, vocab] float32
+            processed = self._process(scores, live, n_old, last, joiners)
+            tokens = self._sample(processed, live, uniforms)  # [live]
+            self.stats["steps"] += 1
+            self.stats["slot_steps"] += self.batch_size
+            done = []
+            for row, (request, token) in enumerate(zip(live, tokens.tolist())):
+                request.tokens.append(token)
+                self.stats["tokens"][request.kind] = self.stats["tokens"].get(request.kind, 0) + 1
+                done.append(token in self.stop_ids or len(request.tokens) >= request.max_new_tokens)
+            last = tokens[:, None]
+            if any(done):
+                keep = torch.tensor([i for i, d in enumerate(done) if not d], dtype=torch.long, device=device)
+                if guided_live:
+                    guided_rows = [i for i, r in enumerate(live) if r.guided]
+                    self.processor.select_rows(torch.tensor(
+                        [j for j, i in enumerate(guided_rows) if not done[i]], dtype=torch.long, device=device))
+                finished = [r for r, d in zip(live, done) if d]
+                live = [r for r, d in zip(live, done) if not d]
+                if live:
+                    cache, mask, next_pos = select(cache, keep), mask[keep], next_pos[keep]
+                    last, uniforms = last[keep], uniforms[keep]
+                    start = leading_masked(mask.bool())
+                    if start:
+                        cache, mask = trim_left(cache, start), mask[:, start:]
+                else:
+                    cache = mask = next_pos = last = uniforms = None
+                for request in finished:
+                    queue.extendleft(reversed(on_finish(request) or []))
+
+    def _admit(self, queue: deque, n_live: int, on_finish) -> list[Request]:
+        """The requests that join this step: free rows filled from the queue's front, the padded
+        prefill within ``max_batch_tokens`` (at least one joins)."""
+        joiners: list[Request] = []
+        while queue and n_live + len(joiners) < self.batch_size:
+            request = queue[0]
+            if request.max_new_tokens <= 0:  # nothing to decode
+                queue.popleft()
+                queue.extendleft(reversed(on_finish(request) or []))
+                continue
+            width = max([len(r.prompt) for r in joiners] + [len(request.prompt)])
+            if joiners and self.max_batch_tokens and (len(joiners) + 1) * width > self.max_batch_tokens:
+                break
+            joiners.append(queue.popleft())
+        return joiners
+
+    @staticmethod
+    def _uniforms(request: Request) -> torch.Tensor:
+        """The request's own uniforms in [0, 1), one per token of its budget (float64)."""
+        generator = torch.Generator().manual_seed(request.seed)
+        return torch.rand(request.max_new_tokens, generator=generator, dtype=torch.float64)
+
+    def _process(self, scores, live, n_old, last, joiners) -> torch.Tensor:
+        """Guidance on the guided rows, and their KL recorded on their requests."""
+        processor = self.processor
+        rows = [i for i, r in enumerate(live) if r.guided]
+        if processor is None or not rows:
+            return scores
+        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+        sub = scores[index]  # [guided, vocab]
+        if processor.is_noop:
+            guided = sub
+        else:
+            old = [i for i in rows if i < n_old]
+            new_ids = last[torch.tensor(old, dtype=torch.long, device=scores.device)] if old else None
+            join_prompts = [r.prompt for r in joiners if r.guided]
+            join = left_pad(join_prompts, self.pad_token_id, scores.device) if join_prompts else None
+            guided = processor.guide_rows(sub, new_ids, join)
+        if processor.records_kl:
+            kl, plain = processor.step_kl(guided, sub)
+            for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
+                live[row].token_kl.append(a)
+                live[row].token_kl_before_top_p.append(b)
+        if guided is sub:
+            return scores
+        processed = scores.clone()
+        processed[index] = guided
+        return processed
+
+    def _sample(self, scores: torch.Tensor, live: list[Request], uniforms: torch.Tensor) -> torch.Tensor:
+        """Next token of every live row [live]: argmax at temperature 0, else the warpers, then
+        each row's inverse CDF at its own uniform for this step."""
+        if self.temperature <= 0:
+            return scores.argmax(dim=-1)
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        probs = torch.softmax(scores, dim=-1)  # [live, vocab] float32
+        cdf = probs.double().cumsum(dim=-1)  # [live, vocab]
+        step = torch.tensor([len(r.tokens) for r in live], dtype=torch.long, device=scores.device)
+        u = uniforms.gather(1, step[:, None]) * cdf[:, -1:]  # [live, 1]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=scores.shape[-1] - 1)
+
+
+def widen(draws: torch.Tensor, width: int) -> torch.Tensor:
+    """``draws`` [rows, budget] widened with trailing zeros to ``width`` columns (never read:
+    a row stops at its own budget)."""
+    missing = width - draws.shape[1]
+    return draws if missing <= 0 else torch.cat([draws, draws.new_zeros(draws.shape[0], missing)], dim=1)
