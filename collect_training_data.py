@@ -9,10 +9,14 @@
 
 Writes ``<output_dir>/<id>_r<repeat>.json`` for every problem of ``[start_index, end_index)``
 and repeat ``< num_samples``; existing files are skipped, so a re-run resumes and shards
-(different index ranges) can run in parallel. A batch is seeded by its first problem, so
-shards write the files of one run over their union when they share its ``--batch_size``
-and their ranges start and end on its chunk boundaries (multiples of ``--batch_size`` from
-its start, or its end); such ranges may overlap, even while both run. Round 2+:
+(different index ranges) can run in parallel. The default continuous engine keeps
+``--batch_size`` live rows, refilled as rows end (a roll-out joins as soon as its roll-in
+ends), and samples each roll-in, cut and roll-out from its own stream seeded by (seed,
+repeat, problem, stage): shards, restarts, process counts and batch sizes all write the files
+of one run, and shards may overlap, even while both run. With ``--engine generate`` a batch
+is seeded by its first problem, so shards write the files of one run over their union when
+they share its ``--batch_size`` and their ranges start and end on its chunk boundaries.
+Round 2+:
 ``--is_first_round 0 --classifier_ckpt_path checkpoints/<exp>/ckpt_<step>`` guides the
 roll-in with that classifier; model and sampling flags not given are read from
 ``checkpoints/<exp>/args.json``.
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from utils.cli import (
     MODEL_DEFAULTS,
     ArgumentParser,
+    add_engine_flags,
     add_inherited_flags,
     check_run_settings,
     describe_sources,
@@ -51,7 +56,7 @@ from utils.distributed import current_process, process_device, rank_share
 from utils.guidance import is_noop_guidance, resolve_guidance_mode
 from utils.models import get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
-from utils.rollout import collect_batch, make_processor
+from utils.rollout import collect_batch, collect_continuous, make_processor
 from utils.seeding import batch_seed, set_seed
 from utils.splits import ensure_split_map
 
@@ -77,12 +82,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="1: roll in with the reference policy (classifier head zero); 0: with --classifier_ckpt_path")
     p.add_argument("--classifier_ckpt_path", type=str, default=None,
                    help="trained classifier checkpoint (round 2+; default: a fresh head on --classifier_model_id)")
-    p.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="live rows of the continuous engine; problems per generate call with --engine generate")
     p.add_argument("--num_samples", type=int, default=16, help="repeats per problem")
     p.add_argument("--top_k", type=int, default=20, help="guided candidates per step (-1 = all)")
     p.add_argument("--output_dir", type=str, required=True, help="folder of the per-problem files")
     p.add_argument("--force", type=int01, default=0, help="1: redo this run's files even if they exist")
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
+    add_engine_flags(p)
     add_inherited_flags(p, INHERITED)
     return p.parse_args(argv)
 
@@ -91,7 +98,7 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     """What decides the distribution of the collected data: every shard and resume into one
     folder must share it (batch size, dtype, index range and repeat count may differ)."""
     names = ["data_path", "ref_model_id", "use_chat_template", "eta", "temperature", "top_p", "max_new_tokens",
-             "match_fn_type", "seed"]
+             "match_fn_type", "seed", "engine"]
     mode = resolve_guidance_mode(args.inference_mode, args.loss_type)
     if not is_noop_guidance(mode, args.eta):  # the classifier shapes the roll-in (expectation: also at eta 0)
         names += ["classifier_model_id" if args.is_first_round else "classifier_ckpt_path", "classifier_type",
@@ -126,6 +133,49 @@ def main(args: argparse.Namespace) -> None:
                 (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(args.ref_model_id)
+    if args.engine == "continuous":
+        collect_with_engine(args, process, records, dataset_type, tokenizer, mine, output_dir)
+    else:
+        collect_with_generate(args, process, records, dataset_type, tokenizer, mine, output_dir)
+
+
+def load_models(args, process, tokenizer):
+    """The roll-in guidance and the reference model on this rank's device, and its stop ids."""
+    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path,
+                               device=device)
+    ref_model = load_causal_lm(args.ref_model_id, args.dtype, device)
+    return processor, ref_model, get_stop_ids(ref_model, tokenizer)
+
+
+def collect_with_engine(args, process, records, dataset_type, tokenizer, mine, output_dir: Path) -> None:
+    """Every missing (problem, repeat) file of this rank through the continuous engine."""
+    work = [(i, r) for r in range(args.num_samples) for i in mine if not (output_dir / problem_file_name(i, r)).exists()]
+    total = len(mine) * args.num_samples
+    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
+    process.say(f"collect: {span}, {args.num_samples} repeats, {total - len(work)} of {total} files already "
+                f"done -> {output_dir}")
+    if not work:
+        return
+    processor, ref_model, stop_ids = load_models(args, process, tokenizer)
+    with tqdm(total=len(work), desc="collect", unit="file", disable=not process.is_main) as progress:
+
+        def write(index, repeat, result):
+            path = output_dir / problem_file_name(index, repeat)
+            if not path.exists():
+                write_json(path, {**records[index], **result}, indent=None)
+            progress.update(1)
+
+        collect_continuous(
+            ref_model, tokenizer, records, work, processor, write, seed=args.seed, batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens, dataset_type=dataset_type, match_fn_type=args.match_fn_type,
+            use_chat_template=bool(args.use_chat_template), temperature=args.temperature, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+        )
+
+
+def collect_with_generate(args, process, records, dataset_type, tokenizer, mine, output_dir: Path) -> None:
+    """Every missing file of this rank, one ``generate()`` batch of ``--batch_size`` problems at a time."""
     chunks = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
             if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
@@ -135,11 +185,7 @@ def main(args: argparse.Namespace) -> None:
                 f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
     if not work:
         return
-    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
-    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path,
-                               device=device)
-    ref_model = load_causal_lm(args.ref_model_id, args.dtype, device)
-    stop_ids = get_stop_ids(ref_model, tokenizer)
+    processor, ref_model, stop_ids = load_models(args, process, tokenizer)
     for repeat, chunk in tqdm(work, desc="collect", unit="batch", disable=not process.is_main):
         set_seed(batch_seed(args.seed, repeat, chunk[0]))
         batch_records = [records[i] for i in chunk]
@@ -153,7 +199,6 @@ def main(args: argparse.Namespace) -> None:
             path = output_dir / problem_file_name(index, repeat)
             if not path.exists():
                 write_json(path, {**record, **result}, indent=None)
-
 
 if __name__ == "__main__":
     run(main, parse_args())

@@ -13,7 +13,9 @@ ones are skipped, so a re-run resumes; ``--start_index/--end_index`` shard the p
 and ``reward_stats_<tag>.json`` (pass@1 = ``single_sample_accuracy_mean``, maj@k, pass@k, and
 ``kl_mean``: the original's KL per trajectory, KL(top_p(guided / T) || reference / T) summed over
 the response, which is about -log(nucleus mass) per token even for the reference at eta 0;
-``kl_before_top_p_mean`` is the same at top_p 1).
+``kl_before_top_p_mean`` is the same at top_p 1). The default continuous engine keeps
+``--batch_size`` live rows, refilled as samples end, each sample from its own stream seeded by
+(seed, repeat, problem); ``--engine generate`` runs one ``generate()`` per batch of problems.
 
 Several etas, one after the other, each with its own outputs; the models are loaded once
 (``--eta 0`` in a sweep runs without the classifier)::
@@ -45,6 +47,7 @@ from utils.answers import grade, majority_vote, pass_at_k
 from utils.cli import (
     MODEL_DEFAULTS,
     ArgumentParser,
+    add_engine_flags,
     add_inherited_flags,
     check_run_settings,
     describe_sources,
@@ -61,7 +64,7 @@ from utils.distributed import Process, barrier, current_process, process_device,
 from utils.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
-from utils.rollout import make_processor, sample_batch
+from utils.rollout import make_processor, sample_batch, sample_continuous
 from utils.seeding import batch_seed, set_seed
 from utils.splits import load_split_map
 
@@ -82,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier_ckpt_path", type=str, required=True, help="checkpoints/<exp>/ckpt_<step>/")
     p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path) of this shard")
     p.add_argument("--end_index", type=int, default=-1, help="one past the last problem of this shard; -1 = to the end")
-    p.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="live rows of the continuous engine; problems per generate call with --engine generate")
     p.add_argument("--kl_batch_size", type=int, default=2,
                    help="unused: KL is computed while decoding, with no second pass (kept so original commands run)")
     p.add_argument("--num_samples", type=int, default=8, help="samples per problem (k of maj@k and pass@k)")
@@ -93,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", type=str, default=None, help="where results go (default: the checkpoint folder)")
     p.add_argument("--force", type=int01, default=0, help="1: redo existing samples of these settings")
     p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
+    add_engine_flags(p)
     add_inherited_flags(p, INHERITED, several=("eta",))
     return p.parse_args(argv)
 
@@ -103,7 +108,7 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     count may differ)."""
     names = ["classifier_ckpt_path", "data_path", "ref_model_id", "use_chat_template", "top_p", "max_new_tokens",
              "max_prompt_length", "match_fn_type", "seed", "inference_mode", "classifier_type", "loss_type",
-             "num_atoms", "V_min", "V_max"]
+             "num_atoms", "V_min", "V_max", "engine"]
     return {"dataset_type": dataset_type, "kl_definition": KL_DEFINITION, **{name: getattr(args, name) for name in names}}
 
 
@@ -225,28 +230,32 @@ def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output
             for repeat in range(point.num_samples):
                 (sample_dir / problem_file_name(problem_id, repeat)).unlink(missing_ok=True)
 
-    chunks = [mine[i : i + point.batch_size] for i in range(0, len(mine), point.batch_size)]
-    work = [(r, chunk) for r in range(point.num_samples) for chunk in chunks
-            if not all((sample_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
-                f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
-    if work:
-        processor = models.processor(point)  # before the reference: a bad checkpoint fails first
-        ref_model, stop_ids = models.reference()
-        for repeat, chunk in tqdm(work, desc=f"eval eta {point.eta}", unit="batch", disable=not process.is_main):
-            set_seed(batch_seed(point.seed, repeat, chunk[0]))
-            batch_records = [records[i] for i in chunk]
-            with torch.no_grad():
-                samples = sample_batch(
-                    ref_model, models.tokenizer, batch_records, processor, use_chat_template=bool(point.use_chat_template),
-                    temperature=point.temperature, top_p=point.top_p, max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
+    def write(problem_id, repeat, sample):
+        path = sample_dir / problem_file_name(problem_id, repeat)
+        if not path.exists():
+            record = records[problem_id]
+            correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, point.match_fn_type)
+            write_json(path, {**record, **sample, "correctness": correct, "eta": point.eta, "top_k": point.top_k,
+                              "temperature": point.temperature, "cd_baseline": point.cd_baseline}, indent=None)
+
+    if point.engine == "continuous":
+        work = [(i, r) for r in range(point.num_samples) for i in mine
+                if not (sample_dir / problem_file_name(i, r)).exists()]
+        process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
+                    f"{len(mine) * point.num_samples} samples to run -> {sample_dir}")
+        if work:
+            processor = models.processor(point)  # before the reference: a bad checkpoint fails first
+            ref_model, stop_ids = models.reference()
+            with tqdm(total=len(work), desc=f"eval eta {point.eta}", unit="sample", disable=not process.is_main) as bar:
+                sample_continuous(
+                    ref_model, models.tokenizer, records, work, processor,
+                    lambda i, r, sample: (write(i, r, sample), bar.update(1)), seed=point.seed,
+                    batch_size=point.batch_size, max_batch_tokens=point.max_batch_tokens,
+                    use_chat_template=bool(point.use_chat_template), temperature=point.temperature, top_p=point.top_p,
+                    max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
                 )
-            for problem_id, record, sample in zip(chunk, batch_records, samples):
-                path = sample_dir / problem_file_name(problem_id, repeat)
-                if not path.exists():
-                    correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, point.match_fn_type)
-                    write_json(path, {**record, **sample, "correctness": correct, "eta": point.eta, "top_k": point.top_k,
-                                      "temperature": point.temperature, "cd_baseline": point.cd_baseline}, indent=None)
+    else:
+        sample_with_generate(point, models, records, mine, sample_dir, process, write)
     barrier(process)  # every rank's samples are written
     if not process.is_main:
         return
@@ -260,6 +269,29 @@ def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output
     print(f"eval [{tag}]: pass@1 {stats['single_sample_accuracy_mean']:.4f}, maj@{point.num_samples} "
           f"{stats['majority_vote_accuracy_mean']:.4f}, pass@{point.num_samples} {stats['pass_k_accuracy_mean']:.4f}, "
           f"KL {stats['kl_mean']:.4f} -> {output_dir / f'reward_stats_{tag}.json'}")
+
+
+def sample_with_generate(point, models: Models, records, mine, sample_dir: Path, process: Process, write) -> None:
+    """This rank's missing samples, one ``generate()`` batch of ``--batch_size`` problems at a time."""
+    chunks = [mine[i : i + point.batch_size] for i in range(0, len(mine), point.batch_size)]
+    work = [(r, chunk) for r in range(point.num_samples) for chunk in chunks
+            if not all((sample_dir / problem_file_name(i, r)).exists() for i in chunk)]
+    process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
+                f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
+    if not work:
+        return
+    processor = models.processor(point)  # before the reference: a bad checkpoint fails first
+    ref_model, stop_ids = models.reference()
+    for repeat, chunk in tqdm(work, desc=f"eval eta {point.eta}", unit="batch", disable=not process.is_main):
+        set_seed(batch_seed(point.seed, repeat, chunk[0]))
+        with torch.no_grad():
+            samples = sample_batch(
+                ref_model, models.tokenizer, [records[i] for i in chunk], processor,
+                use_chat_template=bool(point.use_chat_template), temperature=point.temperature, top_p=point.top_p,
+                max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
+            )
+        for problem_id, sample in zip(chunk, samples):
+            write(problem_id, repeat, sample)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -15,9 +15,13 @@ SmolLM2-135M-Instruct, whose pad token is its EOS: the collection handles that, 
 found from the stop ids). ``--dtype`` (float32) is the dtype of both models, on the first
 GPU, else the CPU; ``--threads 1`` is the steadiest on a CPU shared with other jobs.
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
-output folders (median). Also reported: the share of that time spent inside ``generate()``
-and, for the roll-in and the roll-out, the share of the row-steps that produce kept tokens
-(the rest pad rows that already ended), and ``tokens_per_s``: the response tokens kept in
+output folders (median). ``--engine`` is collection's: ``continuous`` (default) or
+``generate``. Also reported: the share of that time spent decoding (``generate_share``:
+inside ``generate()``, or inside the engine's loop) and ``row_steps_kept``, the share of
+row-steps that produce kept tokens. For ``generate`` it is given for the roll-in, the
+roll-out and ``all`` (the rest pad rows that already ended); for ``continuous`` it is
+``all``: decoded tokens over ``batch_size`` slots per step (the rest are slots left empty
+when the queue runs dry). ``tokens_per_s``: the response tokens kept in
 the roll-ins and roll-outs of the timed runs (stop ids included, padding after them not)
 over those runs' whole wall time. ``--json`` prints ``{"problems_per_min",
 "samples_per_min", "tokens_per_s", "generate_share", "row_steps_kept", ...}``.
@@ -40,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
 from utils import rollout  # noqa: E402
+from utils.engine import ContinuousEngine  # noqa: E402
 from dataset.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.tiny_models import write_tiny_models  # noqa: E402
 
@@ -54,6 +59,16 @@ class GenerateMeter:
         self.kept = {"roll_in": 0, "roll_out": 0}
         self.inner = rollout.generate_responses
 
+    def install(self):
+        rollout.generate_responses = self
+
+    def uninstall(self):
+        rollout.generate_responses = self.inner
+
+    def row_steps_kept(self) -> dict:
+        kept = {kind: round(self.kept[kind] / max(self.row_steps[kind], 1), 3) for kind in self.kept}
+        return {**kept, "all": round(sum(self.kept.values()) / max(sum(self.row_steps.values()), 1), 3)}
+
     def __call__(self, model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs):
         start = time.perf_counter()
         ids, lengths = self.inner(model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs)
@@ -62,6 +77,34 @@ class GenerateMeter:
         self.row_steps[kind] += ids.shape[0] * ids.shape[1]
         self.kept[kind] += int(lengths.clamp(max=ids.shape[1]).sum())
         return ids, lengths
+
+
+class EngineMeter:
+    """Wraps ``ContinuousEngine.run``: time inside it, the tokens it decoded and the step slots
+    (``batch_size`` per step) it ran; a slot without a live row is a wasted row-step."""
+
+    def __init__(self):
+        self.seconds, self.slot_steps = 0.0, 0
+        self.kept = {"roll_in": 0, "roll_out": 0}
+        self.inner = ContinuousEngine.run
+
+    def __call__(self, engine, requests, on_finish):
+        start = time.perf_counter()
+        self.inner(engine, requests, on_finish)
+        self.seconds += time.perf_counter() - start
+        self.slot_steps += engine.stats["slot_steps"]
+        for kind, count in engine.stats["tokens"].items():
+            self.kept[kind] = self.kept.get(kind, 0) + count
+
+    def install(self):
+        meter = self
+        ContinuousEngine.run = lambda engine, requests, on_finish: meter(engine, requests, on_finish)
+
+    def uninstall(self):
+        ContinuousEngine.run = self.inner
+
+    def row_steps_kept(self) -> dict:
+        return {"all": round(sum(self.kept.values()) / max(self.slot_steps, 1), 3)}
 
 
 def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id: str, classifier_id: str) -> float:
@@ -74,6 +117,7 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
         "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
         "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", str(args.use_chat_template),
         "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", args.dtype,
+        "--engine", args.engine,
     ]
     collect_args = collect_training_data.parse_args(argv)
     start = time.perf_counter()
@@ -95,15 +139,16 @@ def main(args: argparse.Namespace) -> None:
         if ref_id is None:
             models = write_tiny_models(tmp / "models")
             ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
-        times, tokens, meter = [], [], GenerateMeter()
-        rollout.generate_responses = meter
+        times, tokens = [], []
+        meter = EngineMeter() if args.engine == "continuous" else GenerateMeter()
+        meter.install()
         try:
             for repeat in range(args.repeats + 1):  # the first run warms up
                 before = sum(meter.kept.values())
                 times.append(timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id))
                 tokens.append(sum(meter.kept.values()) - before)
         finally:
-            rollout.generate_responses = meter.inner
+            meter.uninstall()
     seconds = statistics.median(times[1:])
     tokens_per_s = sum(tokens[1:]) / sum(times[1:])
     result = {
@@ -113,7 +158,8 @@ def main(args: argparse.Namespace) -> None:
         "seconds": round(seconds, 2),
         "tokens_per_round": round(statistics.median(tokens[1:]), 1),
         "generate_share": round(meter.seconds / sum(times), 3),  # of the whole main(), loading included
-        "row_steps_kept": {kind: round(meter.kept[kind] / max(meter.row_steps[kind], 1), 3) for kind in meter.kept},
+        "row_steps_kept": meter.row_steps_kept(),
+        "engine": args.engine,
         "num_problems": args.num_problems,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
@@ -141,7 +187,10 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", type=str, default="float32", help="dtype of both models (float32, bfloat16, float16)")
     parser.add_argument("--num_problems", type=int, default=32, help="synthetic problems collected")
     parser.add_argument("--num_samples", type=int, default=2, help="repeats per problem")
-    parser.add_argument("--batch_size", type=int, default=8, help="problems per generate call")
+    parser.add_argument("--batch_size", type=int, default=8,
+                        help="live rows (continuous engine) or problems per generate call (generate engine)")
+    parser.add_argument("--engine", type=str, default="continuous", choices=["continuous", "generate"],
+                        help="collection's --engine")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="response budget")
     parser.add_argument("--eta", type=float, default=0.0, help="0: round 1 (reference); > 0: guided by a zero V head")
     parser.add_argument("--match_fn_type", type=str, default="symbolic", help="answer matcher")

@@ -181,7 +181,8 @@ def test_rank_share_is_whole_batches_in_blocks():
 
 
 def test_collect_on_two_processes_writes_the_single_process_files(workdir, collected):
-    out = launch(workdir, "collect_training_data.py", *COLLECT, "--output_dir", "collect_2")
+    # another batch size than the single run's 3: each request samples from its own stream
+    out = launch(workdir, "collect_training_data.py", *COLLECT, "--batch_size", "2", "--output_dir", "collect_2")
     assert len(lines(out, "collect: eta=")) == 1
     assert lines(out, "[rank 0/2] collect: problems 1..6,") and lines(out, "[rank 1/2] collect: problems 7..10,")
     single, double = files(collected), files(workdir / "collect_2")

@@ -129,7 +129,7 @@ def test_two_rounds_v_bce_and_q_mle(workdir):
     before = {p.name: p.read_bytes() for p in (workdir / "collected_data" / "tiny_gsm8k_r2").glob("*_r*.json")}
     out = collect(workdir, "collected_data/tiny_gsm8k_r2/", "--is_first_round", "0",
                   "--classifier_ckpt_path", str(v_checkpoints[-1]))
-    assert f"{(NUM_PROBLEMS // 4) * NUM_SAMPLES} of {(NUM_PROBLEMS // 4) * NUM_SAMPLES} batches already done" in out
+    assert f"{NUM_PROBLEMS * NUM_SAMPLES} of {NUM_PROBLEMS * NUM_SAMPLES} files already done" in out
     after = {p.name: p.read_bytes() for p in (workdir / "collected_data" / "tiny_gsm8k_r2").glob("*_r*.json")}
     assert before == after
 

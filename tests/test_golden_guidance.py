@@ -79,7 +79,7 @@ def test_expectation_at_eta_0_runs_the_classifier_in_collection():
     args = Namespace(data_path="d", ref_model_id="r", use_chat_template=1, eta=0.0, temperature=0.8, top_p=0.9,
                      max_new_tokens=8, match_fn_type="symbolic", seed=0, is_first_round=1, classifier_model_id="c",
                      classifier_type="V", inference_mode="expectation", loss_type="bce", num_atoms=11, V_min=0.0,
-                     V_max=1.0, use_bias=0, top_k=20)
+                     V_max=1.0, use_bias=0, top_k=20, engine="continuous")
     assert "classifier_model_id" in run_settings(args, "gsm8k")
     assert "classifier_model_id" not in run_settings(Namespace(**{**vars(args), "inference_mode": "bernoulli"}), "gsm8k")
 

@@ -185,31 +185,35 @@ def check_same_as_uninterrupted(resumed: Path, uninterrupted: Path, expected_res
 @pytest.mark.parametrize("name, guidance", [("eta0", ["--eta", "0"]), ("eta5_V", ["--eta", "5", "--classifier_type", "V"])],
                          ids=["eta0", "eta5_V"])
 def test_collect_resumes_after_sigkill(workdir, name, guidance):
-    """collect_training_data.py killed mid-way, re-run: the files of an uninterrupted run."""
+    """collect_training_data.py killed mid-way, re-run with another batch size: the files of an
+    uninterrupted run."""
     out, full = workdir / f"collect_{name}_killed", workdir / f"collect_{name}_full"
 
-    def collect(output_dir: Path) -> list[str]:
+    def collect(output_dir: Path, *extra: str) -> list[str]:
         return command("collect_training_data.py", "--is_first_round", "1", *guidance, "--ref_model_id", "tiny/ref",
                        "--classifier_model_id", "tiny/classifier", "--data_path", "data/synth_train.jsonl",
-                       "--train_eval_save_path", "data/synth_train_eval.json", *SAMPLING, "--output_dir", str(output_dir))
+                       "--train_eval_save_path", "data/synth_train_eval.json", *SAMPLING, "--output_dir", str(output_dir),
+                       *extra)
 
     expected = {f"{i}_r{r}.json" for i in range(NUM_TRAIN) for r in range(NUM_SAMPLES)}
     with alongside(workdir, collect(full), workdir / f"{full.name}.log"):
         pid = run_and_kill(workdir, collect(out), out, len(expected), workdir / f"{out.name}.1.log")
         leave_killed_temporary(out, min(expected - set(results_in(out))), pid)
-        run_to_end(workdir, collect(out), workdir / f"{out.name}.2.log")
+        # the continuous engine samples each request from its own stream: any batch size resumes
+        run_to_end(workdir, collect(out, "--batch_size", "3"), workdir / f"{out.name}.2.log")
     check_same_as_uninterrupted(out, full, expected)
 
 
 def test_eval_resumes_after_sigkill(workdir):
-    """eval_ckpt.py killed mid-way, re-run: the samples, results and stats of an uninterrupted run."""
+    """eval_ckpt.py killed mid-way, re-run with another batch size: the samples, results and stats
+    of an uninterrupted run."""
     tag = "eta_5.0_top_k_20_temp_0.8"
     out, full = workdir / "eval_killed", workdir / "eval_full"
 
-    def evaluate(output_dir: Path) -> list[str]:
+    def evaluate(output_dir: Path, batch_size: str = "2") -> list[str]:
         return command("eval_ckpt.py", "--classifier_ckpt_path", "exp/ckpt_0", "--eta", "5",
                        "--data_path", "data/synth_test.jsonl", "--train_eval_save_path", "data/synth_test_eval.json",
-                       "--num_samples", str(NUM_SAMPLES), "--batch_size", "2", "--max_new_tokens", "16",
+                       "--num_samples", str(NUM_SAMPLES), "--batch_size", batch_size, "--max_new_tokens", "16",
                        "--output_dir", str(output_dir))
 
     sample_dir = f"individual_eval_inference_{tag}"
@@ -220,7 +224,7 @@ def test_eval_resumes_after_sigkill(workdir):
         pid = run_and_kill(workdir, evaluate(out), out / sample_dir, len(samples), workdir / f"{out.name}.1.log")
         assert not (out / f"reward_stats_{tag}.json").exists()
         leave_killed_temporary(out / sample_dir, min(samples - set(results_in(out / sample_dir))), pid)
-        run_to_end(workdir, evaluate(out), workdir / f"{out.name}.2.log")
+        run_to_end(workdir, evaluate(out, batch_size="3"), workdir / f"{out.name}.2.log")  # another batch size
     check_same_as_uninterrupted(out, full, expected)
 
 

@@ -233,3 +233,16 @@ def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> N
         if not differ:
             return
     write_json(path, current)  # a folder without results takes the new settings
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and ``--max_batch_tokens`` of collection and evaluation."""
+    from utils.rollout import ENGINES
+
+    parser.add_argument("--engine", type=str, default="continuous", choices=ENGINES,
+                        help="continuous: keep --batch_size live rows, refilled as rows end, each request sampled from "
+                             "its own seeded stream; generate: one model.generate() call per --batch_size problems, "
+                             "seeded per batch (the original's loop)")
+    parser.add_argument("--max_batch_tokens", type=int, default=0,
+                        help="continuous engine: at most this many padded prompt tokens prefilled in one step "
+                             "(0 = no cap; one request always joins)")

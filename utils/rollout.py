@@ -1,14 +1,19 @@
-"""Sampling work of collection and evaluation, one batch of problems at a time."""
+"""Sampling work of collection and evaluation: on the continuous engine (``utils.engine``), or
+one ``generate()`` batch of problems at a time (``--engine generate``)."""
 
 from __future__ import annotations
 
 import torch
 
 from utils.answers import grade
-from utils.engine import left_pad
+from utils.engine import ContinuousEngine, Request, left_pad
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.guidance import QSharpLogitsProcessor, generate_responses, is_noop_guidance, resolve_guidance_mode
 from utils.models import check_classifier_vocab, default_device, format_prompts, tokenize_texts
+from utils.problems import reference_of
+from utils.seeding import request_seed
+
+ENGINES = ("continuous", "generate")  # --engine
 
 
 def unpadded_prompts(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -75,26 +80,31 @@ def collect_batch(
     results = []
     for row, record in enumerate(records):
         response = responses[row, : lengths[row]].tolist()
-        prefix = response[: cuts[row]]
-        rollout = rollouts.get(row, [])
-        full_prediction = tokenizer.decode(response, skip_special_tokens=True)
-        partial_prediction = tokenizer.decode(prefix + rollout, skip_special_tokens=True) if rollout else full_prediction
-        reference = references[row]
-        full_correct = grade(full_prediction, reference, dataset_type, match_fn_type)
-        partial_correct = grade(partial_prediction, reference, dataset_type, match_fn_type) if rollout else full_correct
-        results.append(
-            {
-                "fully_guided_predictions": [full_prediction],
-                "fully_guided_predictions_correctness": [full_correct],
-                "partial_guided_prompts": [prompt_texts[row] + tokenizer.decode(prefix, skip_special_tokens=False)],
-                "partial_guided_prompts_tokenized": [prompts[row] + prefix],
-                "num_response_tokens_in_partial_guided_prompts": [cuts[row]],
-                "partial_guided_responses_tokenized": [rollout],
-                "partial_guided_predictions": [partial_prediction],
-                "partial_guided_predictions_correctness": [partial_correct],
-            }
-        )
+        results.append(collect_record(tokenizer, prompt_texts[row], prompts[row], response, cuts[row],
+                                      rollouts.get(row, []), references[row], dataset_type, match_fn_type))
     return results
+
+
+def collect_record(tokenizer, prompt_text: str, prompt: list[int], response: list[int], cut: int, rollout: list[int],
+                   reference: str, dataset_type: str, match_fn_type: str) -> dict:
+    """The lists of one repeat of one problem (one entry each), graded: roll-in ``response``
+    (to and including its stop id), its first ``cut`` tokens kept, then ``rollout`` (empty when
+    the cut kept the whole response)."""
+    prefix = response[:cut]
+    full_prediction = tokenizer.decode(response, skip_special_tokens=True)
+    partial_prediction = tokenizer.decode(prefix + rollout, skip_special_tokens=True) if rollout else full_prediction
+    full_correct = grade(full_prediction, reference, dataset_type, match_fn_type)
+    partial_correct = grade(partial_prediction, reference, dataset_type, match_fn_type) if rollout else full_correct
+    return {
+        "fully_guided_predictions": [full_prediction],
+        "fully_guided_predictions_correctness": [full_correct],
+        "partial_guided_prompts": [prompt_text + tokenizer.decode(prefix, skip_special_tokens=False)],
+        "partial_guided_prompts_tokenized": [prompt + prefix],
+        "num_response_tokens_in_partial_guided_prompts": [cut],
+        "partial_guided_responses_tokenized": [rollout],
+        "partial_guided_predictions": [partial_prediction],
+        "partial_guided_predictions_correctness": [partial_correct],
+    }
 
 
 def sample_batch(
@@ -132,20 +142,94 @@ def sample_batch(
     results = []
     for row in range(len(records)):
         length = int(lengths[row])
-        output_ids = responses[row, :length].tolist()
-        token_kl = kl_steps[row, :length]
-        results.append(
-            {
-                "input_ids": prompts[row],
-                "output_ids": output_ids,
-                "prediction": tokenizer.decode(output_ids, skip_special_tokens=True),
-                "num_response_tokens": length,
-                "token_kl": token_kl.tolist(),
-                "traj_kl": float(token_kl.sum()),
-                "traj_kl_before_top_p": float(plain_steps[row, :length].sum()),
-            }
-        )
+        results.append(sample_record(tokenizer, prompts[row], responses[row, :length].tolist(),
+                                     kl_steps[row, :length].tolist(), plain_steps[row, :length].tolist()))
     return results
+
+
+def sample_record(tokenizer, prompt: list[int], output_ids: list[int], token_kl: list[float],
+                  token_kl_before_top_p: list[float]) -> dict:
+    """One sample's fields under the original's names (see :func:`sample_batch`)."""
+    return {
+        "input_ids": prompt,
+        "output_ids": output_ids,
+        "prediction": tokenizer.decode(output_ids, skip_special_tokens=True),
+        "num_response_tokens": len(output_ids),
+        "token_kl": list(token_kl),
+        "traj_kl": float(torch.tensor(token_kl, dtype=torch.float32).sum()),
+        "traj_kl_before_top_p": float(torch.tensor(token_kl_before_top_p, dtype=torch.float32).sum()),
+    }
+
+
+def prompt_ids(tokenizer, records: list[dict], use_chat_template: bool) -> tuple[list[str], list[list[int]]]:
+    """The prompt texts fed to the model and their ids (unpadded), one per record."""
+    texts = format_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template)
+    return texts, unpadded_prompts(tokenize_texts(tokenizer, texts, use_chat_template))
+
+
+def collect_continuous(ref_model, tokenizer, records: list[dict], work: list[tuple[int, int]], processor, on_result,
+                       *, seed: int, batch_size: int, max_batch_tokens: int, dataset_type: str, match_fn_type: str,
+                       use_chat_template: bool, temperature: float, top_p: float, max_new_tokens: int,
+                       stop_ids: list[int]) -> dict:
+    """Collection on the continuous engine: for each (problem index, repeat) of ``work``, the
+    guided roll-in, the random cut and the reference roll-out, as :func:`collect_batch` does,
+    each request from its own seeded stream (``utils.seeding.request_seed``). A roll-out joins
+    the queue's front as soon as its roll-in ends. ``on_result(index, repeat, result)`` gets
+    each problem-repeat's lists when its roll-out ends. Returns the engine's ``stats``."""
+    indices = sorted({index for index, _ in work})
+    texts, ids = prompt_ids(tokenizer, [records[i] for i in indices], use_chat_template)
+    prompts = dict(zip(indices, zip(texts, ids)))
+    guided = processor is not None
+
+    def finish(request: Request):
+        index, repeat = request.tag[:2]
+        text, prompt = prompts[index]
+        reference = reference_of(records[index], dataset_type)
+        if request.kind == "roll_out":
+            response, cut = request.tag[2], request.tag[3]
+            on_result(index, repeat, collect_record(tokenizer, text, prompt, response, cut, request.tokens, reference,
+                                                    dataset_type, match_fn_type))
+            return None
+        response = request.tokens
+        generator = torch.Generator().manual_seed(request_seed(seed, repeat, index, "cut"))
+        cut = int(torch.randint(0, len(response), (1,), generator=generator)) + 1  # c + 1 response tokens kept
+        if cut < len(response):
+            return [Request(prompt + response[:cut], max_new_tokens, request_seed(seed, repeat, index, "roll_out"),
+                            kind="roll_out", tag=(index, repeat, response, cut))]
+        on_result(index, repeat, collect_record(tokenizer, text, prompt, response, cut, [], reference, dataset_type,
+                                                match_fn_type))
+        return None
+
+    requests = [Request(prompts[i][1], max_new_tokens, request_seed(seed, r, i, "roll_in"), guided=guided,
+                        kind="roll_in", tag=(i, r)) for i, r in work]
+    engine = ContinuousEngine(ref_model, stop_ids, tokenizer.pad_token_id, batch_size, temperature=temperature,
+                              top_p=top_p, processor=processor, max_batch_tokens=max_batch_tokens)
+    engine.run(requests, finish)
+    return engine.stats
+
+
+def sample_continuous(ref_model, tokenizer, records: list[dict], work: list[tuple[int, int]], processor, on_result,
+                      *, seed: int, batch_size: int, max_batch_tokens: int, use_chat_template: bool, temperature: float,
+                      top_p: float, max_new_tokens: int, stop_ids: list[int]) -> dict:
+    """Evaluation samples on the continuous engine: one guided sample per (problem index,
+    repeat) of ``work``, from its own seeded stream, with :func:`sample_batch`'s fields;
+    ``on_result(index, repeat, sample)`` gets each as it ends. Returns the engine's ``stats``."""
+    indices = sorted({index for index, _ in work})
+    _, ids = prompt_ids(tokenizer, [records[i] for i in indices], use_chat_template)
+    prompts = dict(zip(indices, ids))
+
+    def finish(request: Request):
+        index, repeat = request.tag
+        kl = request.token_kl or [0.0] * len(request.tokens)
+        plain = request.token_kl_before_top_p or [0.0] * len(request.tokens)
+        on_result(index, repeat, sample_record(tokenizer, request.prompt, request.tokens, kl, plain))
+
+    requests = [Request(prompts[i], max_new_tokens, request_seed(seed, r, i, "eval"), guided=processor is not None,
+                        tag=(i, r)) for i, r in work]
+    engine = ContinuousEngine(ref_model, stop_ids, tokenizer.pad_token_id, batch_size, temperature=temperature,
+                              top_p=top_p, processor=processor, max_batch_tokens=max_batch_tokens)
+    engine.run(requests, finish)
+    return engine.stats
 
 
 def make_processor(

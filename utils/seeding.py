@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
@@ -27,3 +28,17 @@ def batch_seed(seed: int, repeat: int, first_index: int) -> int:
     first problem index so that a batch comes out the same when it is run alone (resumed
     or in another shard)."""
     return repeat_seed(seed, repeat) + 1_000_003 * first_index
+
+
+REQUEST_STAGES = ("roll_in", "cut", "roll_out", "eval")
+
+
+def request_seed(seed: int, repeat: int, index: int, stage: str) -> int:
+    """Seed of one request of the continuous engine: a hash of (seed, repeat, problem index,
+    stage), so that a request samples the same tokens whatever batch, shard, process count or
+    restart it runs in. ``stage``: ``roll_in``, ``cut`` (the random cut), ``roll_out`` or ``eval``."""
+    from utils.registry import choose
+
+    choose("request stage", stage, REQUEST_STAGES)
+    digest = hashlib.blake2b(f"{seed}/{repeat}/{index}/{stage}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
