@@ -184,7 +184,7 @@ def test_collect_on_two_processes_writes_the_single_process_files(workdir, colle
     # another batch size than the single run's 3: each request samples from its own stream
     out = launch(workdir, "collect_training_data.py", *COLLECT, "--batch_size", "2", "--output_dir", "collect_2")
     assert len(lines(out, "collect: eta=")) == 1
-    assert lines(out, "[rank 0/2] collect: problems 1..6,") and lines(out, "[rank 1/2] collect: problems 7..10,")
+    assert lines(out, "[rank 0/2] collect: problems 1..4,") and lines(out, "[rank 1/2] collect: problems 5..10,")
     single, double = files(collected), files(workdir / "collect_2")
     single.pop("all_train_data.jsonl")
     assert sorted(double) == sorted(single) and len(single) == 10 * 2 + 1  # 10 problems x 2 repeats, .run_settings.json
