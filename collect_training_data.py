@@ -148,22 +148,24 @@ def load_models(args, process, tokenizer):
     return processor, ref_model, get_stop_ids(ref_model, tokenizer)
 
 
+def say_progress(process, args, mine, done: int, total: int, unit: str, output_dir: Path) -> None:
+    """The rank's one line on what is left to collect."""
+    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
+    process.say(f"collect: {span}, {args.num_samples} repeats, {done} of {total} {unit} already done -> {output_dir}")
+
+
 def collect_with_engine(args, process, records, dataset_type, tokenizer, mine, output_dir: Path) -> None:
     """Every missing (problem, repeat) file of this rank through the continuous engine."""
     work = [(i, r) for r in range(args.num_samples) for i in mine if not (output_dir / problem_file_name(i, r)).exists()]
     total = len(mine) * args.num_samples
-    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
-    process.say(f"collect: {span}, {args.num_samples} repeats, {total - len(work)} of {total} files already "
-                f"done -> {output_dir}")
+    say_progress(process, args, mine, total - len(work), total, "files", output_dir)
     if not work:
         return
     processor, ref_model, stop_ids = load_models(args, process, tokenizer)
     with tqdm(total=len(work), desc="collect", unit="file", disable=not process.is_main) as progress:
 
         def write(index, repeat, result):
-            path = output_dir / problem_file_name(index, repeat)
-            if not path.exists():
-                write_json(path, {**records[index], **result}, indent=None)
+            write_result(output_dir, records, index, repeat, result)
             progress.update(1)
 
         collect_continuous(
@@ -179,10 +181,8 @@ def collect_with_generate(args, process, records, dataset_type, tokenizer, mine,
     chunks = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
             if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    done = len(chunks) * args.num_samples - len(work)
-    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
-    process.say(f"collect: {span}, {args.num_samples} repeats, "
-                f"{done} of {len(chunks) * args.num_samples} batches already done -> {output_dir}")
+    total = len(chunks) * args.num_samples
+    say_progress(process, args, mine, total - len(work), total, "batches", output_dir)
     if not work:
         return
     processor, ref_model, stop_ids = load_models(args, process, tokenizer)
@@ -195,10 +195,16 @@ def collect_with_generate(args, process, records, dataset_type, tokenizer, mine,
                 dataset_type=dataset_type, match_fn_type=args.match_fn_type, use_chat_template=bool(args.use_chat_template),
                 temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
             )
-        for index, record, result in zip(chunk, batch_records, results):
-            path = output_dir / problem_file_name(index, repeat)
-            if not path.exists():
-                write_json(path, {**record, **result}, indent=None)
+        for index, result in zip(chunk, results):
+            write_result(output_dir, records, index, repeat, result)
+
+
+def write_result(output_dir: Path, records, index: int, repeat: int, result: dict) -> None:
+    """``<output_dir>/<index>_r<repeat>.json``: the problem's record and its collected lists,
+    unless another run or shard wrote it first."""
+    path = output_dir / problem_file_name(index, repeat)
+    if not path.exists():
+        write_json(path, {**records[index], **result}, indent=None)
 
 if __name__ == "__main__":
     run(main, parse_args())
