@@ -15,7 +15,8 @@ SmolLM2-135M-Instruct, whose pad token is its EOS: the collection handles that, 
 found from the stop ids). ``--dtype`` (float32) is the dtype of both models, on the first
 GPU, else the CPU; ``--threads 1`` is the steadiest on a CPU shared with other jobs.
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
-output folders (median). ``--engine`` is collection's: ``continuous`` (default) or
+output folders (median), after one untimed run (``--warmup 0`` times the first run too:
+for long real-model runs). ``--engine`` is collection's: ``continuous`` (default) or
 ``generate``. Also reported: the share of that time spent decoding (``generate_share``:
 inside ``generate()``, or inside the engine's loop) and ``row_steps_kept``, the share of
 row-steps that produce kept tokens. For ``generate`` it is given for the roll-in, the
@@ -23,8 +24,11 @@ roll-out and ``all`` (the rest pad rows that already ended); for ``continuous`` 
 ``all``: decoded tokens over ``batch_size`` slots per step (the rest are slots left empty
 when the queue runs dry). ``tokens_per_s``: the response tokens kept in
 the roll-ins and roll-outs of the timed runs (stop ids included, padding after them not)
-over those runs' whole wall time. ``--json`` prints ``{"problems_per_min",
-"samples_per_min", "tokens_per_s", "generate_share", "row_steps_kept", ...}``.
+over those runs' whole wall time. ``--profile 1`` adds ``profile``: the
+shares of the decode loop's time spent in the reference's decode forwards and prefills, the
+Q# processor (its classifier included), transformers' ``TopPLogitsWarper`` and the rest.
+``--json`` prints ``{"problems_per_min", "samples_per_min", "tokens_per_s",
+"generate_share", "row_steps_kept", ...}``.
 """
 
 from __future__ import annotations
@@ -41,10 +45,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import functools  # noqa: E402
+
+from transformers import TopPLogitsWarper  # noqa: E402
+
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
 from utils import rollout  # noqa: E402
 from utils.engine import ContinuousEngine  # noqa: E402
+from utils.guidance import QSharpLogitsProcessor  # noqa: E402
 from dataset.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.tiny_models import write_tiny_models  # noqa: E402
 
@@ -107,6 +116,65 @@ class EngineMeter:
         return {"all": round(sum(self.kept.values()) / max(self.slot_steps, 1), 3)}
 
 
+class Profile:
+    """Seconds inside the reference's forwards (decode steps and prefills apart), the Q#
+    processor (the classifier's forward included) and transformers' ``TopPLogitsWarper``
+    (its sort of the vocabulary), for either engine. Installed around collection's model
+    loading, so that the reference's forward is timed on the instance."""
+
+    def __init__(self):
+        self.seconds = {"reference_decode": 0.0, "reference_prefill": 0.0, "processor": 0.0, "top_p": 0.0}
+        self.calls = {"reference_decode": 0, "reference_prefill": 0}
+        self.patched = []
+
+    def timed(self, function, key):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return wrapper
+
+    def timed_forward(self, forward):
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            key = "reference_decode" if ids.shape[1] == 1 else "reference_prefill"
+            self.calls[key] += 1
+            return self.timed(forward, key)(*args, **kwargs)
+        return wrapper
+
+    def install(self):
+        load = collect_training_data.load_causal_lm
+
+        def load_timed(*args, **kwargs):
+            model = load(*args, **kwargs)
+            model.forward = self.timed_forward(model.forward)
+            return model
+
+        targets = [(collect_training_data, "load_causal_lm", load_timed),
+                   (QSharpLogitsProcessor, "__call__", self.timed(QSharpLogitsProcessor.__call__, "processor")),
+                   (QSharpLogitsProcessor, "guide_rows", self.timed(QSharpLogitsProcessor.guide_rows, "processor")),
+                   (TopPLogitsWarper, "__call__", self.timed(TopPLogitsWarper.__call__, "top_p"))]
+        for owner, name, value in targets:
+            self.patched.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, value)
+
+    def uninstall(self):
+        for owner, name, value in reversed(self.patched):
+            setattr(owner, name, value)
+        self.patched = []
+
+    def report(self, decode_seconds: float) -> dict:
+        """Each part's share of the decode loop's time; ``rest`` is what remains (sampling, cache
+        and row bookkeeping, generate()'s or the engine's own code)."""
+        shares = {key: round(value / decode_seconds, 3) for key, value in self.seconds.items()}
+        shares["rest"] = round(1 - sum(self.seconds.values()) / decode_seconds, 3)
+        return {**shares, "decode_seconds": round(decode_seconds, 2), **{f"{k}_calls": v for k, v in self.calls.items()}}
+
+
 def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id: str, classifier_id: str) -> float:
     """Seconds of one whole collection ``main`` into ``output_dir`` (its files counted)."""
     argv = [
@@ -141,22 +209,28 @@ def main(args: argparse.Namespace) -> None:
             ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
         times, tokens = [], []
         meter = EngineMeter() if args.engine == "continuous" else GenerateMeter()
+        profile = Profile() if args.profile else None
         meter.install()
+        if profile:
+            profile.install()
         try:
-            for repeat in range(args.repeats + 1):  # the first run warms up
+            for repeat in range(args.warmup + args.repeats):  # the first --warmup runs are not timed
                 before = sum(meter.kept.values())
                 times.append(timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id))
                 tokens.append(sum(meter.kept.values()) - before)
         finally:
             meter.uninstall()
-    seconds = statistics.median(times[1:])
-    tokens_per_s = sum(tokens[1:]) / sum(times[1:])
+            if profile:
+                profile.uninstall()
+    timed, timed_tokens = times[args.warmup:], tokens[args.warmup:]
+    seconds = statistics.median(timed)
+    tokens_per_s = sum(timed_tokens) / sum(timed)
     result = {
         "problems_per_min": round(args.num_problems / seconds * 60, 1),
         "samples_per_min": round(args.num_problems * args.num_samples / seconds * 60, 1),
         "tokens_per_s": round(tokens_per_s, 1),
         "seconds": round(seconds, 2),
-        "tokens_per_round": round(statistics.median(tokens[1:]), 1),
+        "tokens_per_round": round(statistics.median(timed_tokens), 1),
         "generate_share": round(meter.seconds / sum(times), 3),  # of the whole main(), loading included
         "row_steps_kept": meter.row_steps_kept(),
         "engine": args.engine,
@@ -169,6 +243,8 @@ def main(args: argparse.Namespace) -> None:
         "dtype": args.dtype,
         "models": args.ref_model_id or "random tiny",
     }
+    if profile:
+        result["profile"] = profile.report(meter.seconds)  # over all runs, the warm-up included
     if args.json:
         print(json.dumps(result))
     else:
@@ -194,11 +270,18 @@ if __name__ == "__main__":
     parser.add_argument("--max_new_tokens", type=int, default=128, help="response budget")
     parser.add_argument("--eta", type=float, default=0.0, help="0: round 1 (reference); > 0: guided by a zero V head")
     parser.add_argument("--match_fn_type", type=str, default="symbolic", help="answer matcher")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    parser.add_argument("--warmup", type=int, default=1, choices=[0, 1],
+                        help="1: one untimed run first (loads and warms the caches); 0: time the first run too")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic problems")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--profile", type=int, default=0, choices=[0, 1],
+                        help="1: add the decode loop's time split (reference decode / prefill forwards, Q# processor, "
+                             "top-p, rest) to the result, over all runs")
     parser.add_argument("--json", action="store_true", help="one JSON line")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.classifier_model_id is not None and args.ref_model_id is None:
         parser.error("--classifier_model_id needs --ref_model_id")
     main(args)

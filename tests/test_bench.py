@@ -146,6 +146,18 @@ def test_collect_throughput_counts_every_file(eta):
     assert result["tokens_per_s"] > 0 and 4 <= result["tokens_per_round"] <= 2 * 4 * 6  # roll-in + roll-out
 
 
+@pytest.mark.parametrize("engine", ["continuous", "generate"])
+def test_collect_throughput_profile_splits_the_decode_time(engine):
+    (result,) = run_json("collect_throughput.py", "--repeats", "1", "--warmup", "0", "--num_problems", "3",
+                         "--num_samples", "1", "--batch_size", "2", "--max_new_tokens", "4", "--eta", "10",
+                         "--profile", "1", "--engine", engine, *ONE_THREAD)
+    profile = result["profile"]
+    shares = [profile[k] for k in ("reference_decode", "reference_prefill", "processor", "top_p", "rest")]
+    assert all(0 < share < 1 for share in shares) and sum(shares) == pytest.approx(1, abs=0.01)
+    # 3 roll-ins and their roll-outs prefilled; every other forward is one decode step
+    assert profile["reference_prefill_calls"] >= 2 and profile["reference_decode_calls"] >= 3
+
+
 def test_collect_throughput_on_a_loaded_pair_with_chat_template(tiny_dir):
     (result,) = run_json("collect_throughput.py", "--repeats", "1", "--num_problems", "2", "--num_samples", "1",
                          "--batch_size", "2", "--max_new_tokens", "5", "--eta", "10", "--use_chat_template", "1",

@@ -203,3 +203,16 @@ def test_prefill_cap_and_bad_sizes(ref_model, tokenizer, prompts, early_stops):
         ContinuousEngine(ref_model, early_stops, pad, 0)
     with pytest.raises(ValueError, match="--max_batch_tokens"):
         ContinuousEngine(ref_model, early_stops, pad, 2, max_batch_tokens=-1)
+
+
+def test_forwards_compute_the_last_position_logits_only(ref_model, tokenizer, prompts, early_stops):
+    """Prefills (and decode steps) ask for one position's logits, as ``generate()`` does, not
+    the whole vocabulary at every prompt token."""
+    widths = []
+    hook = ref_model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    try:
+        requests = [Request(p, BUDGET, seed=i, tag=i) for i, p in enumerate(prompts)]
+        run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, temperature=0.8, top_p=0.9)
+    finally:
+        hook.remove()
+    assert widths and set(widths) == {1} and max(len(p) for p in prompts) > 1

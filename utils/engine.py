@@ -18,6 +18,7 @@ read: the sampling is exactly temperature, top-p and the given processor.
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -87,6 +88,9 @@ class ContinuousEngine:
         if self.temperature > 0 and self.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(self.top_p, min_tokens_to_keep=1))
         self.stats = {"steps": 0, "slot_steps": 0, "tokens": {}}
+        # the last position's logits only, as generate() asks of models that take it
+        takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.forward_kwargs = {"logits_to_keep": 1} if takes_keep else {}
 
     # ---- the loop
     @torch.no_grad()
@@ -109,14 +113,14 @@ class ContinuousEngine:
             if n_old:
                 mask = torch.cat([mask, mask.new_ones(n_old, 1)], dim=1)  # [old, seen + 1]
                 out = self.model(input_ids=last, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                                 use_cache=True)
+                                 use_cache=True, **self.forward_kwargs)
                 cache, next_pos = out.past_key_values, next_pos + 1
                 logits.append(out.logits[:, -1].float())
             if joiners:
                 batch = left_pad([r.prompt for r in joiners], self.pad_token_id, device)
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=position_ids_from_mask(batch["attention_mask"]),
-                                 past_key_values=DynamicCache(), use_cache=True)
+                                 past_key_values=DynamicCache(), use_cache=True, **self.forward_kwargs)
                 logits.append(out.logits[:, -1].float())
                 width = max(batch["attention_mask"].shape[1], 0 if mask is None else mask.shape[1])
                 join_mask = left_pad_seq(batch["attention_mask"], width, dim=1)
