@@ -206,5 +206,6 @@ def write_result(output_dir: Path, records, index: int, repeat: int, result: dic
     if not path.exists():
         write_json(path, {**records[index], **result}, indent=None)
 
+
 if __name__ == "__main__":
     run(main, parse_args())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -44,8 +45,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import functools  # noqa: E402
 
 from transformers import TopPLogitsWarper  # noqa: E402
 
@@ -127,23 +126,30 @@ class Profile:
         self.calls = {"reference_decode": 0, "reference_prefill": 0}
         self.patched = []
 
+    @contextlib.contextmanager
+    def clock(self, key):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[key] += time.perf_counter() - start
+
     def timed(self, function, key):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
+            with self.clock(key):
                 return function(*args, **kwargs)
-            finally:
-                self.seconds[key] += time.perf_counter() - start
         return wrapper
 
     def timed_forward(self, forward):
+        """The reference's forward, timed as a decode step (one new token per row) or a prefill."""
         @functools.wraps(forward)
         def wrapper(*args, **kwargs):
             ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
             key = "reference_decode" if ids.shape[1] == 1 else "reference_prefill"
             self.calls[key] += 1
-            return self.timed(forward, key)(*args, **kwargs)
+            with self.clock(key):
+                return forward(*args, **kwargs)
         return wrapper
 
     def install(self):

@@ -153,9 +153,11 @@ def test_collect_throughput_profile_splits_the_decode_time(engine):
                          "--profile", "1", "--engine", engine, *ONE_THREAD)
     profile = result["profile"]
     shares = [profile[k] for k in ("reference_decode", "reference_prefill", "processor", "top_p", "rest")]
-    assert all(0 < share < 1 for share in shares) and sum(shares) == pytest.approx(1, abs=0.01)
-    # 3 roll-ins and their roll-outs prefilled; every other forward is one decode step
-    assert profile["reference_prefill_calls"] >= 2 and profile["reference_decode_calls"] >= 3
+    # every part is timed, and no part is counted twice (the rest stays positive)
+    assert all(0 < share < 1 for share in shares)
+    # 3 roll-ins and at most 3 roll-outs prefilled, at most one prefill each; every other
+    # forward is one decode step
+    assert 2 <= profile["reference_prefill_calls"] <= 6 and profile["reference_decode_calls"] >= 3
 
 
 def test_collect_throughput_on_a_loaded_pair_with_chat_template(tiny_dir):
