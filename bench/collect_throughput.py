@@ -259,7 +259,9 @@ def main(args: argparse.Namespace) -> None:
               f"in {seconds:.1f} s")
 
 
-if __name__ == "__main__":
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; --repeats under 1 and a classifier without a reference are refused (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref_model_id", type=str, default=None, help="reference model (default: random tiny)")
     parser.add_argument("--classifier_model_id", type=str, default=None,
@@ -285,9 +287,13 @@ if __name__ == "__main__":
                         help="1: add the decode loop's time split (reference decode / prefill forwards, Q# processor, "
                              "top-p, rest) to the result, over all runs")
     parser.add_argument("--json", action="store_true", help="one JSON line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.classifier_model_id is not None and args.ref_model_id is None:
         parser.error("--classifier_model_id needs --ref_model_id")
-    main(args)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -104,7 +104,8 @@ def main(args: argparse.Namespace) -> None:
               f"max |KL difference| {diff:.2e} over {len(records)} responses ({tokens} tokens, mean KL {result['kl_mean']:.3f})")
 
 
-if __name__ == "__main__":
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_problems", type=int, default=16, help="prompts in the evaluation run")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (eval_ckpt.py's default)")
@@ -117,4 +118,8 @@ if __name__ == "__main__":
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold")
     add_run_flags(parser, repeats=3, json_help="one JSON line")
     add_size_flags(parser, ref=(512, 4), classifier=(256, 2), vocab_size=128256)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,15 +1,19 @@
-"""Helpers of the end-to-end tests: run a stage script as a user would, and check the files
-that the stages hand to each other (collected per-repeat files, evaluation outputs)."""
+"""Helpers of the end-to-end tests: run a stage script with a user's command line, and check
+the files that the stages hand to each other (collected per-repeat files, evaluation outputs)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import torch
+
+from utils.cli import run
 from utils.problems import COLLECTED_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,12 +22,24 @@ RESULT_NAME = re.compile(r"\d+_r\d+\.json")
 
 
 def stage(workdir: Path, script: str, *args: str) -> str:
-    """Run a stage script like a user would; return its stdout (fail with its stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=workdir, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-3000:]}"
-    return result.stdout
+    """``python <script> <args>`` from ``workdir``, run in this process: the script's own
+    ``parse_args`` and ``main`` under ``utils.cli.run``, its stdout returned (fail with its
+    stderr). In-process because a fresh interpreter spends 3-4 s importing torch and
+    transformers; the scripts as real processes are run by test_quickstart, test_readme,
+    test_errors and the resume tests."""
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    out, err = io.StringIO(), io.StringIO()
+    before_dir, before_threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(workdir)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run(module.main, module.parse_args(list(args)))
+    except SystemExit as exit:
+        raise AssertionError(f"{script} exited with {exit.code}:\n{err.getvalue()[-3000:]}") from None
+    finally:
+        torch.set_num_threads(before_threads)
+        os.chdir(before_dir)
+    return out.getvalue()
 
 
 def read_jsonl(path: Path) -> list[dict]:

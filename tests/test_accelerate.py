@@ -31,7 +31,6 @@ import math
 import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +43,7 @@ import eval_ckpt
 import train_classifier
 from dataset.synthetic import write_synthetic_dataset
 from tests.fake_collected import train_flags, write_fake_collected
+from tests.processes import run_tree
 from tests.test_ckpt_steps import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
 from utils.cli import run
 from utils.distributed import Process, rank_share, set_loader_epoch
@@ -131,7 +131,7 @@ def launch(workdir: Path, script: str, *args: str, renames: Path | None = None) 
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(REPO / script), *args]
-    result = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    result = run_tree(cmd, cwd=workdir, env=env, timeout=TIMEOUT)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 

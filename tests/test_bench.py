@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +15,20 @@ from bench import guidance_overhead
 from bench.common import classifier_step_costs, guidance_floors, matmul_params, weight_bytes
 from utils.classifier import ClassifierSpec, QSharpClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--ref_hidden", "32", "--ref_layers", "2", "--classifier_hidden", "32", "--classifier_layers", "1"]
 ONE_THREAD = ["--threads", "1"]  # no timing is checked; one thread is fastest on a busy machine
 
 
 def run_json(script: str, *args: str) -> list[dict]:
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--json", *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    """``python bench/<script> --json <args>`` in this process (its parse_args and main); the JSON lines."""
+    module = importlib.import_module(f"bench.{script.removesuffix('.py')}")
+    out, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out):
+            module.main(module.parse_args(["--json", *args]))
+    finally:
+        torch.set_num_threads(threads)  # --threads sets this process's
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 
 def tiny_llama(layers: int, tied: bool = True):
