@@ -29,17 +29,27 @@ def stage(workdir: Path, script: str, *args: str) -> str:
     test_errors and the resume tests."""
     module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
     out, err = io.StringIO(), io.StringIO()
-    before_dir, before_threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(workdir)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with in_workdir(workdir), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             run(module.main, module.parse_args(list(args)))
     except SystemExit as exit:
         raise AssertionError(f"{script} exited with {exit.code}:\n{err.getvalue()[-3000:]}") from None
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def in_workdir(workdir: Path, threads: int | None = None):
+    """Run from ``workdir`` (with ``threads`` CPU threads, if given); the directory and this
+    process's thread count (which a script's ``--threads`` may set) are restored after."""
+    before_dir, before_threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(workdir)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
     finally:
         torch.set_num_threads(before_threads)
         os.chdir(before_dir)
-    return out.getvalue()
 
 
 def read_jsonl(path: Path) -> list[dict]:

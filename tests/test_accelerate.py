@@ -44,6 +44,7 @@ import train_classifier
 from dataset.synthetic import write_synthetic_dataset
 from tests.fake_collected import train_flags, write_fake_collected
 from tests.processes import run_tree
+from tests.stages import in_workdir
 from tests.test_ckpt_steps import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
 from utils.cli import run
 from utils.distributed import Process, rank_share, set_loader_epoch
@@ -137,15 +138,10 @@ def launch(workdir: Path, script: str, *args: str, renames: Path | None = None) 
 
 
 def in_process(workdir: Path, module, argv: list[str], threads: int = 1) -> None:
-    """A stage's ``main`` in this process, from ``workdir``, with ``threads`` CPU threads."""
-    before_dir, before_threads = os.getcwd(), torch.get_num_threads()
-    os.chdir(workdir)
-    torch.set_num_threads(threads)
-    try:
+    """A stage's ``main`` in this process, from ``workdir``, with ``threads`` CPU threads
+    (its output to capsys; a user error raises SystemExit)."""
+    with in_workdir(workdir, threads):
         run(module.main, module.parse_args(argv))
-    finally:
-        torch.set_num_threads(before_threads)
-        os.chdir(before_dir)
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from bench import guidance_overhead
 from bench.common import classifier_step_costs, guidance_floors, matmul_params, weight_bytes
+from tests.stages import in_workdir
 from utils.classifier import ClassifierSpec, QSharpClassifier
 
 TINY = ["--ref_hidden", "32", "--ref_layers", "2", "--classifier_hidden", "32", "--classifier_layers", "1"]
@@ -22,12 +24,9 @@ ONE_THREAD = ["--threads", "1"]  # no timing is checked; one thread is fastest o
 def run_json(script: str, *args: str) -> list[dict]:
     """``python bench/<script> --json <args>`` in this process (its parse_args and main); the JSON lines."""
     module = importlib.import_module(f"bench.{script.removesuffix('.py')}")
-    out, threads = io.StringIO(), torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out):
-            module.main(module.parse_args(["--json", *args]))
-    finally:
-        torch.set_num_threads(threads)  # --threads sets this process's
+    out = io.StringIO()
+    with in_workdir(Path.cwd()), contextlib.redirect_stdout(out):  # --threads sets this process's: restored
+        module.main(module.parse_args(["--json", *args]))
     return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
 
 

@@ -39,7 +39,7 @@ from utils.tiny_models import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
-STALL = 120  # a 2-process run here takes 10-20 s
+STALL = 90  # a 2-process run here takes 8-15 s
 
 KILL_HOOK = '''
 import os
