@@ -259,7 +259,6 @@ def main(args: argparse.Namespace) -> None:
               f"in {seconds:.1f} s")
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags; --repeats under 1 and a classifier without a reference are refused (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -104,7 +104,6 @@ def main(args: argparse.Namespace) -> None:
               f"max |KL difference| {diff:.2e} over {len(records)} responses ({tokens} tokens, mean KL {result['kl_mean']:.3f})")
 
 
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_problems", type=int, default=16, help="prompts in the evaluation run")
