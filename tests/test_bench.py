@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from bench import guidance_overhead
 from bench.common import classifier_step_costs, guidance_floors, matmul_params, weight_bytes
-from tests.stages import in_workdir
+from tests.stages import stage
 from utils.classifier import ClassifierSpec, QSharpClassifier
 
 TINY = ["--ref_hidden", "32", "--ref_layers", "2", "--classifier_hidden", "32", "--classifier_layers", "1"]
@@ -22,12 +19,9 @@ ONE_THREAD = ["--threads", "1"]  # no timing is checked; one thread is fastest o
 
 
 def run_json(script: str, *args: str) -> list[dict]:
-    """``python bench/<script> --json <args>`` in this process (its parse_args and main); the JSON lines."""
-    module = importlib.import_module(f"bench.{script.removesuffix('.py')}")
-    out = io.StringIO()
-    with in_workdir(Path.cwd()), contextlib.redirect_stdout(out):  # --threads sets this process's: restored
-        module.main(module.parse_args(["--json", *args]))
-    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    """``python bench/<script> --json <args>`` (in this process: :func:`tests.stages.stage`); the JSON lines."""
+    out = stage(Path.cwd(), f"bench/{script}", "--json", *args)
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def tiny_llama(layers: int, tied: bool = True):
