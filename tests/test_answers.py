@@ -1,8 +1,9 @@
 """Tests for utils/answers.py: box extraction, normalisation, matching, voting.
 
-``symbolic`` is the original's grader (math_verify 0.7.0, no normalisation; the golden
-fixture cases are in test_golden_accuracy.py); ``symbolic_normalized`` adds the project's
-:func:`normalize_answer`.
+``symbolic`` and ``strict`` are the original's graders (its box extraction, as is;
+math_verify 0.7.0, no normalisation; the golden fixture cases are in
+test_golden_accuracy.py); ``symbolic_normalized`` adds the project's tolerant extraction
+and :func:`normalize_answer`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from utils.answers import (
     MATCH_FNS,
     equivalence_partition,
     extract_boxed,
+    extract_boxed_tolerant,
     grade,
     is_equiv,
     majority_vote,
@@ -252,9 +254,6 @@ RESPONSES = [
     ("18", "", False),
     ("12", r"So the answer is $\boxed{12", False),
     ("12", r"Maybe $\boxed{12}$. No wait, it is $\boxed{12", False),
-    ("18", r"The answer is $\fbox{18}$.", True),
-    ("18", r"The answer is $\boxed 18$.", True),
-    ("18", r"The answer is $\boxed {18}$.", True),
     ("18", r"The answer is $\boxed{}$.", False),
 ]
 
@@ -269,17 +268,92 @@ RESPONSES = [
         "empty-response",
         "truncated-box",
         "complete-box-then-truncated-box",
-        "fbox",
-        "braceless-boxed",
-        "space-before-brace",
         "empty-box",
     ],
 )
-def test_grade_uses_last_complete_box(gold, response, expected):
-    assert grade(response, gold, "gsm8k") is expected
+@pytest.mark.parametrize("match_fn_type", list(MATCH_FNS))
+def test_grade_uses_last_complete_box(gold, response, expected, match_fn_type):
+    assert grade(response, gold, "gsm8k", match_fn_type) is expected
 
 
+# Box forms, graded per matcher: (dataset_type, reference, response, then the expected grade
+# under symbolic, strict, symbolic_normalized). symbolic and strict extract as the original
+# (the text between the braces of the last "\boxed{", as is), for the MATH gold too;
+# symbolic_normalized also reads \fbox, "\boxed {", "\boxed 5", and strips.
+CENTS = r"5.4 \text{ cents}"
+BOX_FORMS = [
+    ("gsm8k", CENTS, r"It costs $\boxed{5.4 \text{ cents}}$.", True, True, True),
+    # math_verify 0.7.0 drops the unit only at the very end: " 5.4 \text{ cents} " is 5.4*cents.
+    ("gsm8k", CENTS, r"It costs $\boxed{ 5.4 \text{ cents} }$.", False, False, True),
+    ("gsm8k", CENTS, r"It costs $\boxed{5.4 \text{ cents} }$.", False, False, True),
+    ("gsm8k", CENTS, r"It costs $\boxed{ 5.4 \text{ cents}}$.", True, False, True),
+    ("gsm8k", "18", r"So $\boxed{ 18 }$.", True, False, True),
+    ("gsm8k", "18", r"So $\boxed{ 18}$.", True, False, True),
+    ("gsm8k", "18", r"So $\boxed{18 }$.", True, False, True),
+    ("gsm8k", "18", r"So $\fbox{18}$.", False, False, True),
+    ("gsm8k", "18", r"So $\boxed 18$.", False, False, True),
+    ("gsm8k", "18", r"So $\boxed18$.", False, False, True),
+    ("gsm8k", "18", r"So $\boxed {18}$.", False, False, True),
+    ("gsm8k", "18", r"First $\boxed{17}$, then $\fbox{18}$.", False, False, True),
+    ("gsm8k", "18", r"First $\boxed{18}$, then $\fbox{17}$.", True, True, False),
+    ("gsm8k", r"\{1,2\}", r"So $\boxed{\{1,2\}}$.", True, True, True),
+    ("math", r"So it is $\boxed{ 5.4 \text{ cents} }$.", r"It costs $\boxed{5.4 \text{ cents}}$.", False, False, True),
+    ("math", r"So $60-16-7-20=\boxed{ 17}$ students.", r"So $\boxed{17}$.", True, False, True),
+    ("math", r"Our answer is $\boxed 2$.", r"So $\boxed{2}$.", False, False, True),
+    ("math", r"So it is $\fbox{7}$.", r"So $\boxed{7}$.", False, False, True),
+]
+BOX_CASES = [
+    (dataset_type, reference, response, match_fn_type, expected)
+    for dataset_type, reference, response, *grades in BOX_FORMS
+    for match_fn_type, expected in zip(("symbolic", "strict", "symbolic_normalized"), grades)
+]
+
+
+@pytest.mark.parametrize(
+    "dataset_type, reference, response, match_fn_type, expected",
+    BOX_CASES,
+    ids=[f"{d}|{ref}|{resp}|{m}|{'T' if e else 'F'}" for d, ref, resp, m, e in BOX_CASES],
+)
+def test_box_forms_per_matcher(dataset_type, reference, response, match_fn_type, expected):
+    assert grade(response, reference, dataset_type, match_fn_type) is expected
+    assert pass_at_k([response], reference, dataset_type, match_fn_type) is expected
+    assert majority_vote([response] * 2, reference, dataset_type, match_fn_type) is expected
+
+
+# The original's extraction (symbolic, strict): the last "\boxed{", content as is, every
+# brace counted (escaped ones too).
 EXTRACT = [
+    (r"\boxed{5}", "5"),
+    (r"\boxed{ 5 }", " 5 "),
+    (r"\boxed{}", ""),
+    (r"$\boxed{\frac{1}{2}}$", r"\frac{1}{2}"),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),
+    (r"\boxed{\left\{ 1 \right\}}", r"\left\{ 1 \right\}"),
+    (r"\boxed{\left\{ 1 \right.}", None),
+    (r"\boxed{a\}b}", "a\\"),
+    (r"\boxed{1} and \boxed{2}", "2"),
+    (r"\boxed{5}}", "5"),
+    (r"\fbox{7}", None),
+    (r"\boxed{1} then \fbox{7}", "1"),
+    (r"$\boxed 5$", None),
+    (r"\boxed {5}", None),
+    (r"\boxed5", None),
+    (r"\boxed{\boxed{3}}", "3"),
+    ("no box here", None),
+    (r"\boxed{12", None),
+    (r"\boxed{1} \boxed{\frac{1}{2}", None),
+    (r"\boxed", None),
+]
+
+
+@pytest.mark.parametrize("text, expected", EXTRACT, ids=[t for t, _ in EXTRACT])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+# The project's extraction (symbolic_normalized): \fbox, "\boxed {", "\boxed 5", stripped.
+EXTRACT_TOLERANT = [
     (r"\boxed{5}", "5"),
     (r"\boxed{ 5 }", "5"),
     (r"$\boxed{\frac{1}{2}}$", r"\frac{1}{2}"),
@@ -293,6 +367,7 @@ EXTRACT = [
     (r"\boxed{1} then \fbox{7}", "7"),
     (r"$\boxed 5$", "5"),
     (r"\boxed 5 apples", "5"),
+    (r"\boxed {5}", "5"),
     (r"\boxed{\boxed{3}}", "3"),
     ("no box here", None),
     (r"\boxed{12", None),
@@ -304,9 +379,9 @@ EXTRACT = [
 ]
 
 
-@pytest.mark.parametrize("text, expected", EXTRACT, ids=[t for t, _ in EXTRACT])
-def test_extract_boxed(text, expected):
-    assert extract_boxed(text) == expected
+@pytest.mark.parametrize("text, expected", EXTRACT_TOLERANT, ids=[t for t, _ in EXTRACT_TOLERANT])
+def test_extract_boxed_tolerant(text, expected):
+    assert extract_boxed_tolerant(text) == expected
 
 
 # ---------------------------------------------------------------------------
@@ -344,7 +419,8 @@ def test_normalize_answer(raw, expected):
 # ---------------------------------------------------------------------------
 
 STRICT = [
-    ("18", " 18 ", True),
+    ("18", " 18 ", False),  # the original strips nothing
+    ("18", "18 ", False),
     ("18", "18", True),
     (r"\frac{1}{2}", r"\frac{1}{2}", True),
     ("18", "18.0", False),
@@ -408,9 +484,11 @@ def test_symbolic_works_outside_main_thread():
 MATH_SOLUTION = r"First we try $\boxed{3}$, which fails. Hence the answer is $\boxed{\frac{5}{2}}$."
 
 
-def test_gsm8k_reference_is_the_stripped_answer():
-    assert reference_answer(" 18\n", "gsm8k") == "18"
-    assert grade(respond("18"), " 18\n", "gsm8k", "strict") is True
+def test_gsm8k_reference_is_the_answer_as_is():
+    for match_fn_type in MATCH_FNS:
+        assert reference_answer(" 18\n", "gsm8k", match_fn_type) == " 18\n"
+    assert grade(respond("18"), " 18\n", "gsm8k", "strict") is False
+    assert grade(respond("18"), " 18\n", "gsm8k") is True
 
 
 def test_math_reference_is_last_box_of_solution():
@@ -442,8 +520,12 @@ def test_math_table(solution, prediction, expected, match_fn_type):
     assert majority_vote([respond(prediction)] * 2, solution, "math", match_fn_type) is expected
 
 
-def test_math_reference_accepts_fbox():
-    assert reference_answer(r"So it is $\fbox{7}$.", "math") == "7"
+def test_math_reference_uses_the_matchers_extractor():
+    for solution in (r"So it is $\fbox{7}$.", r"So it is $\boxed 7$.", r"So it is $\boxed{ 7 }$."):
+        assert reference_answer(solution, "math", "symbolic_normalized") == "7"
+    assert reference_answer(r"So it is $\fbox{7}$.", "math") == ""
+    assert reference_answer(r"So it is $\boxed 7$.", "math", "strict") == ""
+    assert reference_answer(r"So it is $\boxed{ 7 }$.", "math") == " 7 "
 
 
 def test_math_reference_without_box_is_empty_and_matches_nothing():
@@ -464,6 +546,8 @@ def test_gsm8k_reference_is_not_box_extracted():
 
 def test_registries():
     assert sorted(MATCH_FNS) == ["strict", "symbolic", "symbolic_normalized"]
+    assert MATCH_FNS["symbolic"].extract is MATCH_FNS["strict"].extract is extract_boxed
+    assert MATCH_FNS["symbolic_normalized"].extract is extract_boxed_tolerant
     assert sorted(DATASET_TYPES) == ["gsm8k", "math"]
 
 
@@ -475,8 +559,10 @@ def test_registries():
         lambda: grade("no box", "1", "gsm8k", "fuzzy"),
         lambda: majority_vote(["no box"], "1", "gsm8k", "fuzzy"),
         lambda: pass_at_k([], "1", "gsm8k", "fuzzy"),
+        lambda: process_sample(r"\boxed{1}", "fuzzy"),
+        lambda: reference_answer("1", "gsm8k", "fuzzy"),
     ],
-    ids=["is_equiv", "grade", "grade-no-box", "majority_vote", "pass_at_k"],
+    ids=["is_equiv", "grade", "grade-no-box", "majority_vote", "pass_at_k", "process_sample", "reference_answer"],
 )
 def test_unknown_match_fn_type(call):
     with pytest.raises(ValueError, match=r"unknown match_fn_type 'fuzzy'; valid values: strict, symbolic, symbolic_normalized"):

@@ -2,30 +2,39 @@
 ``accuracy_utils.py`` does it (checked against ``shared/golden/accuracy.json``, computed
 by the original with math_verify 0.7.0; pinned in requirements.txt).
 
-Pipeline for one model response::
+Pipeline for one model response, ``match_fn_type`` choosing (extractor, comparer)::
 
-    response --process_sample--> prediction  (content of the LAST \\boxed{...}; '' if none)
-    reference --reference_answer--> gold     (gsm8k: the answer string itself;
+    response --process_sample--> prediction  (content of the LAST box; '' if none)
+    reference --reference_answer--> gold     (gsm8k: the answer string as is;
                                               math: last box of the solution)
     is_equiv(gold, prediction, match_fn_type)
 
-Matchers (``MATCH_FNS``, chosen with ``--match_fn_type``):
+Matchers (``MATCH_FNS``, chosen with ``--match_fn_type``), each an (extractor, comparer):
 
-- ``symbolic`` (default): the original's ``numeric_or_symbolic_correctness``, nothing
-  added: ``verify(gold=parse("$" + gold + "$"), target=parse("$" + pred + "$"))`` with
-  Math-Verify 0.7.0. The comparison is not symmetric: gold ``(-\\infty,2)`` rejects
-  ``x<2``, gold ``x<2`` accepts ``(-\\infty,2)``; gold ``50\\%`` accepts ``0.5`` but
-  not ``50`` (math_verify 0.9.0 accepts both). Any exception or timeout counts as "not
-  equivalent".
-- ``strict``: the original's ``sample_match_strict``, string equality (after stripping
-  surrounding whitespace; an empty answer matches nothing).
+- ``symbolic`` (default): the original's, nothing added. Extraction
+  (:func:`extract_boxed`, for predictions and MATH golds alike): the text between the
+  braces of the last ``\\boxed{``, as is: not stripped (``\\boxed{ 5 }`` gives `` 5 ``);
+  no ``\\fbox``, ``\\boxed {5}`` or ``\\boxed 5``; every brace counts, escaped ones too.
+  Comparison, the original's ``numeric_or_symbolic_correctness``:
+  ``verify(gold=parse("$" + gold + "$"), target=parse("$" + pred + "$"))`` with
+  Math-Verify 0.7.0. So ``\\boxed{ 5.4 \\text{ cents} }`` is wrong against the gold
+  ``5.4 \\text{ cents}`` (0.7.0 drops a ``\\text{...}`` unit only at the very end, so
+  it reads ``5.4*cents``), while ``\\boxed{ 18 }`` is right against ``18``. The
+  comparison is not symmetric: gold ``(-\\infty,2)`` rejects ``x<2``, gold ``x<2``
+  accepts ``(-\\infty,2)``; gold ``50\\%`` accepts ``0.5`` but not ``50`` (math_verify
+  0.9.0 accepts both). Any exception or timeout counts as "not equivalent".
+- ``strict``: the original's extraction and ``sample_match_strict``, string equality
+  (nothing stripped: `` 18 `` does not match ``18``; an empty answer matches nothing).
 - ``symbolic_normalized`` (not the original; never the default): the project's former
-  grader, :func:`normalize_answer` on both sides, then Math-Verify as ``symbolic``.
-  :func:`normalize_answer` removes ``\\$``/``$``, plain-word and ``\\text{...}`` units
-  after a number (``18 dollars``, which Math-Verify parses as the product
-  ``18*a*d*o*l*l*r*s``), thousands separators of a whole-answer number (``1,450,000``;
-  malformed groups such as ``1,45`` are left alone), ``^\\circ``, ``\\!`` and ``{,}``, and
-  rewrites ``\\dfrac``/``\\tfrac`` to ``\\frac``. Percent signs are left to Math-Verify.
+  grader. Extraction (:func:`extract_boxed_tolerant`): the last ``\\boxed{...}`` or
+  ``\\fbox{...}`` (also ``\\boxed {...}`` and ``\\boxed 5``), stripped, escaped braces
+  not counted. Comparison: :func:`normalize_answer` on both sides, then Math-Verify as
+  ``symbolic``. :func:`normalize_answer` removes ``\\$``/``$``, plain-word and
+  ``\\text{...}`` units after a number (``18 dollars``, which Math-Verify parses as the
+  product ``18*a*d*o*l*l*r*s``), thousands separators of a whole-answer number
+  (``1,450,000``; malformed groups such as ``1,45`` are left alone), ``^\\circ``, ``\\!``
+  and ``{,}``, and rewrites ``\\dfrac``/``\\tfrac`` to ``\\frac``. Percent signs are left
+  to Math-Verify.
 
 An empty prediction (no box, an unclosed last box, or an empty box) matches nothing,
 not even an empty gold: Math-Verify parses ``$$`` to nothing. Math-Verify's 5-second
@@ -51,7 +60,7 @@ import random
 import re
 import threading
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import math_verify.grader
 import math_verify.parser
@@ -63,8 +72,10 @@ from utils.registry import choose
 __all__ = [
     "DATASET_TYPES",
     "MATCH_FNS",
+    "Matcher",
     "equivalence_partition",
     "extract_boxed",
+    "extract_boxed_tolerant",
     "grade",
     "is_equiv",
     "majority_vote",
@@ -83,7 +94,34 @@ _VERIFY_TIMEOUT_S = 5
 # Box extraction
 # ---------------------------------------------------------------------------
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BOX_OPEN = "\\boxed{"
+
+
+def extract_boxed(text: str) -> str | None:
+    """The original's extraction: the text between the braces of the last ``\\boxed{``, as is.
+
+    Only ``\\boxed{`` opens a box (not ``\\boxed {``, ``\\fbox{`` or ``\\boxed 5``). Every
+    brace after it counts, escaped ones too (``\\boxed{a\\}b}`` -> ``a\\``), so nested
+    braces balance (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). The content is not
+    stripped. Returns None when there is no box or the last one is not closed (truncated
+    generation).
+    """
+    start = text.rfind(_BOX_OPEN)
+    if start < 0:
+        return None
+    start += len(_BOX_OPEN)
+    depth = 1
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
+_TOLERANT_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 def _balanced_group(text: str, start: int) -> str | None:
@@ -108,15 +146,15 @@ def _balanced_group(text: str, start: int) -> str | None:
     return None
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, stripped.
+def extract_boxed_tolerant(text: str) -> str | None:
+    """The project's extraction (``symbolic_normalized``): the last ``\\boxed{...}`` or
+    ``\\fbox{...}`` in ``text``, stripped.
 
-    Braces are balanced (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). The brace-less
-    form ``\\boxed 5`` (also ``\\boxed5``) gives the text up to the next whitespace or
-    ``$``. Returns None when there is no box or the last one is not closed
-    (truncated generation).
+    Also ``\\boxed {...}``; escaped braces do not count (``\\boxed{a\\}b}`` -> ``a\\}b``).
+    The brace-less form ``\\boxed 5`` (also ``\\boxed5``) gives the text up to the next
+    whitespace or ``$``. Returns None when there is no box or the last one is not closed.
     """
-    matches = list(_BOX_RE.finditer(text))
+    matches = list(_TOLERANT_BOX_RE.finditer(text))
     if not matches:
         return None
     pos = matches[-1].end()
@@ -127,37 +165,6 @@ def extract_boxed(text: str) -> str | None:
         return None if content is None else content.strip()
     bare = re.match(r"[^\s$]+", stripped)
     return bare.group(0) if bare else None
-
-
-# ---------------------------------------------------------------------------
-# Gold answers
-# ---------------------------------------------------------------------------
-
-
-def _gsm8k_reference(reference: str) -> str:
-    return reference.strip()
-
-
-def _math_reference(reference: str) -> str:
-    """The solution's last box, ``''`` without one (as the original's ``process_sample``:
-    no prediction then matches it)."""
-    return process_sample(reference)
-
-
-DATASET_TYPES: dict[str, Callable[[str], str]] = {
-    "gsm8k": _gsm8k_reference,
-    "math": _math_reference,
-}
-
-
-def reference_answer(reference: str, dataset_type: str) -> str:
-    """Gold answer string: gsm8k -> ``reference`` stripped (it is the record's
-    ``answer``); math -> last box of ``reference`` (the record's ``solution``), ``''``
-    without one, which nothing matches (as the original).
-
-    Raises ValueError for an unknown ``dataset_type``.
-    """
-    return choose("dataset_type", dataset_type, DATASET_TYPES)(reference)
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +254,8 @@ def _parse(answer: str, parsing_timeout: int | None) -> tuple[Any, ...]:
 
 
 def _strict_equiv(gold: str, pred: str) -> bool:
-    return gold.strip() != "" and gold.strip() == pred.strip()  # an empty answer matches nothing
+    """The original's ``sample_match_strict``: string equality, nothing stripped."""
+    return gold != "" and gold == pred  # an empty answer matches nothing
 
 
 def _math_verify(gold: str, pred: str) -> bool:
@@ -275,11 +283,22 @@ def _symbolic_normalized_equiv(gold: str, pred: str) -> bool:
     return _math_verify(normalize_answer(gold), normalize_answer(pred))
 
 
-MATCH_FNS: dict[str, Callable[[str, str], bool]] = {
-    "strict": _strict_equiv,
-    "symbolic": _symbolic_equiv,
-    "symbolic_normalized": _symbolic_normalized_equiv,
+class Matcher(NamedTuple):
+    """A ``--match_fn_type``: how an answer is taken from a text, and how two compare."""
+
+    extract: Callable[[str], str | None]  # last box of a text; None without a closed one
+    equiv: Callable[[str, str], bool]  # (gold, prediction)
+
+
+MATCH_FNS: dict[str, Matcher] = {
+    "strict": Matcher(extract_boxed, _strict_equiv),
+    "symbolic": Matcher(extract_boxed, _symbolic_equiv),
+    "symbolic_normalized": Matcher(extract_boxed_tolerant, _symbolic_normalized_equiv),
 }
+
+
+def _matcher(match_fn_type: str) -> Matcher:
+    return choose("match_fn_type", match_fn_type, MATCH_FNS)
 
 
 def is_equiv(gold: str, pred: str, match_fn_type: str = "symbolic") -> bool:
@@ -288,7 +307,36 @@ def is_equiv(gold: str, pred: str, match_fn_type: str = "symbolic") -> bool:
     Never raises for odd answers (they compare unequal); raises ValueError for an
     unknown ``match_fn_type``.
     """
-    return choose("match_fn_type", match_fn_type, MATCH_FNS)(gold, pred)
+    return _matcher(match_fn_type).equiv(gold, pred)
+
+
+def process_sample(response: str, match_fn_type: str = "symbolic") -> str:
+    """The answer of a response, as the original's ``process_sample``: its last box, taken
+    by the matcher's extractor; ``''`` when there is none or the last one is not closed
+    (``''`` matches nothing)."""
+    return _matcher(match_fn_type).extract(response) or ""
+
+
+# ---------------------------------------------------------------------------
+# Gold answers
+# ---------------------------------------------------------------------------
+
+# dataset_type -> (reference, the matcher's extractor) -> gold answer.
+DATASET_TYPES: dict[str, Callable[[str, Callable[[str], str | None]], str]] = {
+    "gsm8k": lambda reference, extract: reference,
+    "math": lambda reference, extract: extract(reference) or "",
+}
+
+
+def reference_answer(reference: str, dataset_type: str, match_fn_type: str = "symbolic") -> str:
+    """Gold answer string, as the original's: gsm8k -> ``reference`` as is (the record's
+    ``answer``); math -> the last box of ``reference`` (the record's ``solution``), taken
+    by the matcher's extractor, ``''`` without one, which nothing matches.
+
+    Raises ValueError for an unknown ``dataset_type`` or ``match_fn_type``.
+    """
+    extract = _matcher(match_fn_type).extract
+    return choose("dataset_type", dataset_type, DATASET_TYPES)(reference, extract)
 
 
 # ---------------------------------------------------------------------------
@@ -296,18 +344,11 @@ def is_equiv(gold: str, pred: str, match_fn_type: str = "symbolic") -> bool:
 # ---------------------------------------------------------------------------
 
 
-def process_sample(response: str) -> str:
-    """The answer of a response, as the original's ``process_sample``: its last box,
-    ``''`` when there is none or the last one is not closed (``''`` matches nothing)."""
-    return extract_boxed(response) or ""
-
-
 def grade(response: str, reference: str, dataset_type: str, match_fn_type: str = "symbolic") -> bool:
     """Whether the last box of ``response`` matches the gold answer of ``reference``
     (``match_fn(gold, prediction)``; no box, or an empty one, is wrong)."""
-    match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
-    gold = reference_answer(reference, dataset_type)
-    return match_fn(gold, process_sample(response))
+    gold = reference_answer(reference, dataset_type, match_fn_type)
+    return is_equiv(gold, process_sample(response, match_fn_type), match_fn_type)
 
 
 def equivalence_partition(answers: list[str], match_fn_type: str = "symbolic") -> list[list[str]]:
@@ -317,11 +358,11 @@ def equivalence_partition(answers: list[str], match_fn_type: str = "symbolic") -
     it, relation(representative, new) = ``match_fn(gold=new, pred=representative)``;
     otherwise it opens a new class. ``''`` relates to nothing (a class of its own each time).
     """
-    match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
+    equiv = _matcher(match_fn_type).equiv
     classes: list[list[str]] = []
     for answer in answers:
         for cls in classes:
-            if match_fn(answer, cls[0]):
+            if equiv(answer, cls[0]):
                 cls.append(answer)
                 break
         else:
@@ -345,9 +386,8 @@ def majority_vote(
     ``random.Random(0)``), or counted wrong when ``strict_tie_breaking``. Returns whether
     the winner's representative matches the gold answer. False for no responses.
     """
-    match_fn = choose("match_fn_type", match_fn_type, MATCH_FNS)
-    gold = reference_answer(reference, dataset_type)
-    classes = equivalence_partition([process_sample(r) for r in responses], match_fn_type)
+    gold = reference_answer(reference, dataset_type, match_fn_type)
+    classes = equivalence_partition([process_sample(r, match_fn_type) for r in responses], match_fn_type)
     if not classes:
         return False
     top = max(len(cls) for cls in classes)
@@ -355,13 +395,12 @@ def majority_vote(
     if strict_tie_breaking and len(tied) > 1:
         return False
     winner = (rng if rng is not None else random.Random(0)).choice(tied)
-    return match_fn(gold, winner[0])
+    return is_equiv(gold, winner[0], match_fn_type)
 
 
 def pass_at_k(
     responses: list[str], reference: str, dataset_type: str, match_fn_type: str = "symbolic"
 ) -> bool:
     """pass@k: whether any response is graded correct."""
-    choose("match_fn_type", match_fn_type, MATCH_FNS)
-    reference_answer(reference, dataset_type)
-    return any(grade(r, reference, dataset_type, match_fn_type) for r in responses)
+    gold = reference_answer(reference, dataset_type, match_fn_type)
+    return any(is_equiv(gold, process_sample(r, match_fn_type), match_fn_type) for r in responses)
