@@ -48,13 +48,17 @@ from utils.cli import (
     inherit,
     int01,
     load_run_args,
+    positive_int,
+    positive_int_or_off,
     problem_file_name,
     run,
+    seed_int,
+    unit_interval,
 )
 from utils.data import remove_stale_temporaries, write_json
 from utils.distributed import current_process, process_device, rank_share
 from utils.guidance import is_noop_guidance, resolve_guidance_mode
-from utils.models import get_stop_ids, load_causal_lm, load_tokenizer
+from utils.models import check_model_files, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import collect_batch, collect_continuous, make_processor
 from utils.seeding import batch_seed, set_seed
@@ -76,19 +80,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path)")
     p.add_argument("--end_index", type=int, default=-1, help="one past the last problem; -1 = to the end")
-    p.add_argument("--eval_ratio", type=float, default=0.1,
+    p.add_argument("--eval_ratio", type=unit_interval, default=0.1,
                    help="share of problems marked eval when --train_eval_save_path does not exist yet and is built")
     p.add_argument("--is_first_round", type=int01, required=True,
                    help="1: roll in with the reference policy (classifier head zero); 0: with --classifier_ckpt_path")
     p.add_argument("--classifier_ckpt_path", type=str, default=None,
                    help="trained classifier checkpoint (round 2+; default: a fresh head on --classifier_model_id)")
-    p.add_argument("--batch_size", type=int, default=8,
+    p.add_argument("--batch_size", type=positive_int, default=8,
                    help="live rows of the continuous engine; problems per generate call with --engine generate")
-    p.add_argument("--num_samples", type=int, default=16, help="repeats per problem")
-    p.add_argument("--top_k", type=int, default=20, help="guided candidates per step (-1 = all)")
+    p.add_argument("--num_samples", type=positive_int, default=16, help="repeats per problem")
+    p.add_argument("--top_k", type=positive_int_or_off, default=20, help="guided candidates per step (-1 = all)")
     p.add_argument("--output_dir", type=str, required=True, help="folder of the per-problem files")
     p.add_argument("--force", type=int01, default=0, help="1: redo this run's files even if they exist")
-    p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
+    p.add_argument("--seed", type=seed_int, default=47, help="base seed; repeat r uses seed + 50 * r")
     add_engine_flags(p)
     add_inherited_flags(p, INHERITED)
     return p.parse_args(argv)
@@ -116,11 +120,12 @@ def main(args: argparse.Namespace) -> None:
     sources = inherit(args, INHERITED, saved, RENAMED)
     if process.is_main:
         print(f"collect: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'classifier_type'])}")
-    if args.eta < 0:
-        raise ValueError(f"--eta must be non-negative, got {args.eta}")
 
     records, dataset_type = load_problems(args.data_path, args.dataset_type)
     indices = resolve_range(args.start_index, args.end_index, len(records))
+    check_model_files(args.ref_model_id, "reference model")  # before anything is written
+    if not is_noop_guidance(resolve_guidance_mode(args.inference_mode, args.loss_type), args.eta):
+        check_model_files(args.classifier_model_id if args.is_first_round else args.classifier_ckpt_path, "classifier")
     mine = rank_share(indices, args.batch_size, process)  # all of them for a single process
     ensure_split_map(args.train_eval_save_path, [r["problem"] for r in records], args.eval_ratio, seed=47)
     output_dir = Path(args.output_dir)

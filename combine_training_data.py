@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from utils.cli import ArgumentParser, run
 from utils.data import read_json, remove_stale_temporaries, write_jsonl
-from utils.problems import COLLECTED_FIELDS, load_problems
+from utils.problems import COLLECTED_FIELDS, check_collected, load_problems
 from utils.splits import load_split_map
 
 OUTPUT_NAME = "all_train_data.jsonl"
@@ -54,20 +54,11 @@ def find_files(folder: Path) -> dict[int, dict[int, Path]]:
 
 
 def read_repeat(path: Path, record: dict) -> dict[str, list]:
-    """The collected lists of one file, checked: its problem is ``record``'s, every field is
-    there and is a list, and all lists have the same length."""
-    data = read_json(path)  # a truncated or malformed file raises ValueError naming it
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    if data.get("problem") != record["problem"]:
+    """The collected lists of one file, checked (:func:`utils.problems.check_collected`) and
+    its problem ``record``'s."""
+    data = check_collected(read_json(path), str(path))  # a truncated or malformed file raises ValueError naming it
+    if data["problem"] != record["problem"]:
         raise ValueError(f"{path}: its problem text differs from that line of the problem file")
-    lengths = {}
-    for field in COLLECTED_FIELDS:
-        if not isinstance(data.get(field), list):
-            raise ValueError(f"{path}: field {field} is {'missing' if field not in data else 'not a list'}")
-        lengths[field] = len(data[field])
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"{path}: collected lists differ in length ({', '.join(f'{k} {v}' for k, v in lengths.items())})")
     return {field: data[field] for field in COLLECTED_FIELDS}
 
 

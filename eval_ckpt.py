@@ -55,14 +55,17 @@ from utils.cli import (
     inherit,
     int01,
     load_run_args,
+    positive_int,
+    positive_int_or_off,
     problem_file_name,
     run,
+    seed_int,
     sweep_values,
 )
 from utils.data import read_json, remove_stale_temporaries, write_json, write_jsonl
 from utils.distributed import Process, barrier, current_process, process_device, rank_share, shutdown
 from utils.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
-from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
+from utils.models import check_model_files, format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
 from utils.problems import load_problems, reference_of, resolve_range
 from utils.rollout import make_processor, sample_batch, sample_continuous
 from utils.seeding import batch_seed, set_seed
@@ -85,18 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier_ckpt_path", type=str, required=True, help="checkpoints/<exp>/ckpt_<step>/")
     p.add_argument("--start_index", type=int, default=0, help="first problem (line index of --data_path) of this shard")
     p.add_argument("--end_index", type=int, default=-1, help="one past the last problem of this shard; -1 = to the end")
-    p.add_argument("--batch_size", type=int, default=8,
+    p.add_argument("--batch_size", type=positive_int, default=8,
                    help="live rows of the continuous engine; problems per generate call with --engine generate")
-    p.add_argument("--kl_batch_size", type=int, default=2,
+    p.add_argument("--kl_batch_size", type=positive_int, default=2,
                    help="unused: KL is computed while decoding, with no second pass (kept so original commands run)")
-    p.add_argument("--num_samples", type=int, default=8, help="samples per problem (k of maj@k and pass@k)")
+    p.add_argument("--num_samples", type=positive_int, default=8, help="samples per problem (k of maj@k and pass@k)")
     p.add_argument("--cd_baseline", type=int01, default=0, help="1: Controlled-Decoding offset eta * E[R] instead of Q#")
-    p.add_argument("--top_k", type=int, default=20, help="guided candidates per step (-1 = all)")
-    p.add_argument("--max_prompt_length", type=int, default=-1, help="skip problems whose prompt has more tokens; -1 = off")
-    p.add_argument("--max_new_tokens", type=int, default=1024, help="response budget in tokens")
+    p.add_argument("--top_k", type=positive_int_or_off, default=20, help="guided candidates per step (-1 = all)")
+    p.add_argument("--max_prompt_length", type=positive_int_or_off, default=-1, help="skip problems whose prompt has more tokens; -1 = off")
+    p.add_argument("--max_new_tokens", type=positive_int, default=1024, help="response budget in tokens")
     p.add_argument("--output_dir", type=str, default=None, help="where results go (default: the checkpoint folder)")
     p.add_argument("--force", type=int01, default=0, help="1: redo existing samples of these settings")
-    p.add_argument("--seed", type=int, default=47, help="base seed; repeat r uses seed + 50 * r")
+    p.add_argument("--seed", type=seed_int, default=47, help="base seed; repeat r uses seed + 50 * r")
     add_engine_flags(p)
     add_inherited_flags(p, INHERITED, several=("eta",))
     return p.parse_args(argv)
@@ -301,10 +304,10 @@ def main(args: argparse.Namespace) -> None:
     etas = sweep_values(args, "eta")
     if process.is_main:
         print(f"eval: {describe_sources(args, sources, ['eta', 'top_k', 'temperature', 'top_p', 'inference_mode', 'cd_baseline'])}")
-    for eta in etas:
-        if eta < 0:
-            raise ValueError(f"--eta must be non-negative, got {eta}")
     records, dataset_type = load_problems(args.data_path, args.dataset_type)
+    check_model_files(args.ref_model_id, "reference model")  # before anything is written
+    if args.inference_mode != "disabled" and any(eta > 0 for eta in etas):
+        check_model_files(args.classifier_ckpt_path, "classifier checkpoint")
     tokenizer = load_tokenizer(args.ref_model_id)
     all_ids = eval_problem_ids(args, records, tokenizer, verbose=process.is_main)
     shard = resolve_range(args.start_index, args.end_index, len(records))

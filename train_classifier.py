@@ -48,12 +48,29 @@ from transformers import get_constant_schedule_with_warmup
 
 from utils.answers import MATCH_FNS
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
-from utils.cli import ARGS_FILE, ArgumentParser, int01, run, setting_differences
+from utils.cli import (
+    ARGS_FILE,
+    ArgumentParser,
+    atoms_int,
+    finite_float,
+    int01,
+    nonneg_float,
+    nonneg_int,
+    nonneg_int_or_off,
+    positive_float,
+    positive_int,
+    positive_int_or_off,
+    run,
+    seed_int,
+    setting_differences,
+    unit_interval,
+    unit_interval_open,
+)
 from utils.data import read_json, remove_stale_temporaries, write_json
 from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
 from utils.guidance import resolve_guidance_mode
 from utils.metrics import eval_metrics
-from utils.models import check_classifier_vocab, load_tokenizer
+from utils.models import check_classifier_vocab, load_tokenizer, loading
 from utils.seeding import set_seed
 from utils.splits import load_split_map
 from utils.train_state import (
@@ -139,7 +156,10 @@ def optimizer_scheduler_files(checkpoint: Path) -> list[Path]:
 
 def load_optimizer_scheduler(files: list[Path], optimizer, scheduler) -> None:
     """Load the state of :func:`optimizer_scheduler_files` into ``optimizer`` and ``scheduler``."""
-    states = [torch.load(path, map_location="cpu", weights_only=False) for path in files]
+    states = []
+    for path in files:
+        with loading("optimizer/scheduler state", path):
+            states.append(torch.load(path, map_location="cpu", weights_only=False))
     if len(states) == 1:
         if not isinstance(states[0], dict) or not {"optimizer", "scheduler"} <= set(states[0]):
             raise ValueError(f"{files[0]} is not a dict with keys 'optimizer' and 'scheduler'")
@@ -150,7 +170,7 @@ def load_optimizer_scheduler(files: list[Path], optimizer, scheduler) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world_size", type=int, default=1, help="number of processes; must match the accelerate launch")
+    p.add_argument("--world_size", type=positive_int, default=1, help="number of processes; must match the accelerate launch")
     p.add_argument("--ref_model_id", type=str, default="meta-llama/Meta-Llama-3-8B-Instruct",
                    help="reference model whose tokenizer the data uses (recorded for collection/eval)")
     p.add_argument("--classifier_type", type=str, default="V", choices=["Q", "V"], help="value head")
@@ -169,40 +189,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_bias", type=int01, default=0, help="head has a bias")
     p.add_argument("--dataset_type", type=str, required=True, choices=["gsm8k", "math"], help="grading of eval runs")
     p.add_argument("--data_paths", type=str, nargs="+", required=True, help="all_train_data.jsonl of one or more rounds")
-    p.add_argument("--batch_size", type=int, default=32, help="sequences per batch (per process)")
-    p.add_argument("--max_batch_num_tokens", type=int, default=-1,
+    p.add_argument("--batch_size", type=positive_int, default=32, help="sequences per batch (per process)")
+    p.add_argument("--max_batch_num_tokens", type=positive_int_or_off, default=-1,
                    help="token budget per batch (rows x longest sequence), still at most --batch_size rows; -1 = off")
-    p.add_argument("--gradient_accumulation_step", type=int, default=1,
+    p.add_argument("--gradient_accumulation_step", type=positive_int, default=1,
                    help="batches (per process) per optimizer step; the loss is divided by it")
-    p.add_argument("--shift_reward", type=float, default=0.0,
+    p.add_argument("--shift_reward", type=finite_float, default=0.0,
                    help="R = correctness - shift_reward (expectation: use 1, so exp(eta * R) lies in [0, 1])")
-    p.add_argument("--scale_reward", type=float, default=1.0,
+    p.add_argument("--scale_reward", type=finite_float, default=1.0,
                    help="unused: kept so the original's commands run (the original parses it and never uses it)")
     p.add_argument("--cd_baseline", type=int01, default=0,
                    help="1: with expectation, train on R instead of exp(eta * R); recorded for evaluation (CD offset eta * E[R])")
     p.add_argument("--use_chat_template", type=int01, default=1, help="recorded for collection/eval")
     p.add_argument("--dtype", type=str, default="bfloat16", choices=["float32", "bfloat16", "float16"], help="classifier dtype")
-    p.add_argument("--temperature", type=float, default=0.8, help="recorded for collection/eval")
+    p.add_argument("--temperature", type=nonneg_float, default=0.8, help="recorded for collection/eval")
     p.add_argument("--use_all_ref_tokens", type=int01, default=1,
                    help="1: label the cut token and every roll-out token; 0: the cut token only")
-    p.add_argument("--top_p", type=float, default=0.9, help="recorded for collection/eval")
+    p.add_argument("--top_p", type=unit_interval, default=0.9, help="recorded for collection/eval")
     p.add_argument("--drop_no_variation", type=int01, default=1, help="drop training problems whose rewards are all equal")
-    p.add_argument("--id_eval_ratio", type=float, default=0.1, help="share of training examples held out as ID eval")
-    p.add_argument("--eta", type=float, default=1.0,
+    p.add_argument("--id_eval_ratio", type=unit_interval_open, default=0.1, help="share of training examples held out as ID eval")
+    p.add_argument("--eta", type=nonneg_float, default=1.0,
                    help="expectation targets exp(eta * R); becomes the default eta of the next collection and eval")
-    p.add_argument("--top_k", type=int, default=-1, help="recorded for reference (collection/eval use their own --top_k)")
+    p.add_argument("--top_k", type=positive_int_or_off, default=-1, help="recorded for reference (collection/eval use their own --top_k)")
     p.add_argument("--match_fn_type", type=str, default="symbolic", choices=list(MATCH_FNS),
                    help="recorded for collection/eval")
     p.add_argument("--output_dir", type=str, default="checkpoints/temp/", help="args.json and ckpt_<step>/ go here")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--num_epochs", type=int, default=3, help="passes over the training examples")
-    p.add_argument("--eval_max_size", type=int, default=1000, help="at most this many examples per eval set")
-    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate")
-    p.add_argument("--warmup_step", type=int, default=-1, help="linear warmup steps, then constant; -1 = none")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--eval_freq", type=int, default=500,
+    p.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader workers")
+    p.add_argument("--num_epochs", type=positive_int, default=3, help="passes over the training examples")
+    p.add_argument("--eval_max_size", type=positive_int, default=1000, help="at most this many examples per eval set")
+    p.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate")
+    p.add_argument("--warmup_step", type=nonneg_int_or_off, default=-1, help="linear warmup steps, then constant; -1 = none")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--eval_freq", type=positive_int, default=500,
                    help="evaluate every this many global steps (batches summed over processes), and after the first batch")
-    p.add_argument("--ckpt_freq", type=int, default=500,
+    p.add_argument("--ckpt_freq", type=positive_int, default=500,
                    help="write ckpt_<global step> every this many global steps (batches summed over processes)")
     p.add_argument("--save_opt_scheduler", type=int01, default=0,
                    help=f"1: every checkpoint also holds {OPTIMIZER_FILE} and {SCHEDULER_FILE} (the optimizer and "
@@ -211,17 +231,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="1: continue from the newest complete checkpoint in --output_dir of a run with the same flags, "
                         "to the weights an uninterrupted run ends with; its checkpoints also hold the optimizer, "
                         "scheduler, counters, data position and RNG states")
-    p.add_argument("--keep_last_n", type=int, default=-1,
+    p.add_argument("--keep_last_n", type=positive_int_or_off, default=-1,
                    help="keep only the newest N checkpoints (deleted after the next one is in place); -1 = keep all")
-    p.add_argument("--seed", type=int, default=47, help="seed of init, ID split and shuffling")
+    p.add_argument("--seed", type=seed_int, default=47, help="seed of init, ID split and shuffling")
     p.add_argument("--track", type=int01, default=0, help="1: log to wandb")
     p.add_argument("--wandb_entity", type=str, default=None, help="wandb entity")
     p.add_argument("--wandb_project", type=str, default=None, help="wandb project")
     p.add_argument("--wandb_run_name", type=str, default=None, help="wandb run name")
-    p.add_argument("--num_atoms", type=int, default=11, help="histogram atoms (mle)")
-    p.add_argument("--V_min", type=float, default=0.0, help="lowest atom (mle)")
-    p.add_argument("--V_max", type=float, default=1.0, help="highest atom (mle)")
-    p.add_argument("--max_length", type=int, default=-1, help="truncate training sequences to this many tokens; -1 = off")
+    p.add_argument("--num_atoms", type=atoms_int, default=11, help="histogram atoms (mle)")
+    p.add_argument("--V_min", type=finite_float, default=0.0, help="lowest atom (mle)")
+    p.add_argument("--V_max", type=finite_float, default=1.0, help="highest atom (mle)")
+    p.add_argument("--max_length", type=positive_int_or_off, default=-1, help="truncate training sequences to this many tokens; -1 = off")
     return p.parse_args(argv)
 
 
@@ -236,16 +256,9 @@ def check_args(args, accelerator) -> None:
         raise ValueError("--classifier_ckpt_path needs --resume_opt_scheduler 0 or 1")
     # the guidance this classifier is for must exist (e.g. an mle head with --cd_baseline 1 is refused there)
     resolve_guidance_mode(args.inference_mode, args.loss_type, bool(args.cd_baseline))
-    if args.eta < 0:
-        raise ValueError(f"--eta must be non-negative, got {args.eta}")
     for path in (args.original_problems_path, *args.data_paths):  # the first is recorded for collection and eval
         if not Path(path).is_file():
             raise FileNotFoundError(f"problem file {path} does not exist")
-    for name in ("batch_size", "gradient_accumulation_step", "num_epochs", "eval_freq", "ckpt_freq"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1")
-    if args.keep_last_n == 0 or args.keep_last_n < -1:
-        raise ValueError(f"--keep_last_n must be -1 (keep all) or at least 1, got {args.keep_last_n}")
 
 
 def resume_point(args, output_dir: Path, log=print) -> tuple[Path, dict] | None:
@@ -290,7 +303,8 @@ def prepare_data(args, spec: ClassifierSpec, log=print):
     log(f"train: {len(problems)} problems ({len(train)} train after drop_no_variation, {len(ood)} OOD eval); "
           f"{len(train_examples)} train / {len(id_examples)} ID eval / {len(ood_examples)} OOD eval examples")
     if not train_examples:
-        raise ValueError("no training examples (all problems dropped by --drop_no_variation or held out)")
+        cut = f", cut by --max_length {args.max_length}" if args.max_length > 0 else ""
+        raise ValueError(f"no training examples (all problems dropped by --drop_no_variation{cut} or held out)")
     return train_examples, cap(id_examples), cap(ood_examples)
 
 

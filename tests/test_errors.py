@@ -10,6 +10,7 @@ checkpoints, output folders, and what ``combine_training_data.py`` merges.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -26,7 +28,7 @@ import eval_ckpt
 import train_classifier
 from dataset.synthetic import write_synthetic_dataset
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.cli import run
+from utils.cli import ArgumentParser, int01, run
 from utils.models import load_tokenizer
 from utils.tiny_models import build_model, build_tokenizer
 
@@ -177,7 +179,7 @@ def test_index_range(env, capsys, stage, start, end, message):
 def test_negative_eta(env, capsys, stage):
     argv = ARGV[stage](env)
     argv = replace(argv, "--eta", "-1") if "--eta" in argv else [*argv, "--eta", "-1"]
-    assert "eta must be non-negative" in fails(capsys, stage, argv)
+    assert "--eta: must be at least 0, got '-1'" in fails(capsys, stage, argv)
 
 
 # ---------------------------------------------------------------- unknown names list the valid ones
@@ -418,3 +420,286 @@ def test_command_line_prints_one_line_without_traceback(env, stage, argv_change,
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- flag domains
+
+
+def tree(path: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``path`` (or ``path`` itself) with its bytes and mtime; {} when absent."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+
+def refused(capsys, stage: str, argv: list[str], watched: list[Path]) -> str:
+    """:func:`fails`, and the files under ``watched`` (existing outputs, or outputs that must
+    not appear) are exactly as before."""
+    before = {str(path): tree(path) for path in watched}
+    error = fails(capsys, stage, argv)
+    assert {str(path): tree(path) for path in watched} == before, "a refused run changed files"
+    return error
+
+
+def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
+    """``argv`` with ``flag`` set to ``values`` (replaced where given, else appended)."""
+    if flag not in argv:
+        return [*argv, flag, *values]
+    at = argv.index(flag)
+    return [*argv[:at + 1], *values, *argv[at + 2:]]
+
+
+def outputs(e, stage: str) -> list[Path]:
+    """What a refused run of ``stage`` must leave as it is."""
+    return {"collect": [Path(e["collected"]), Path(e["train_eval"])], "combine": [Path(e["collected"])],
+            "train": [e["root"] / "train_out"], "eval": [e["root"] / "eval_out", Path(e["ckpt"]).parent]}[stage]
+
+
+@pytest.mark.parametrize("stage,flag,value,message", [
+    ("collect", "--top_p", "1.5", "must be in [0, 1], got '1.5'"),
+    ("collect", "--temperature", "-0.5", "must be at least 0, got '-0.5'"),
+    ("collect", "--temperature", "nan", "expected a finite number, got 'nan'"),
+    ("collect", "--eta", "inf", "expected a finite number, got 'inf'"),
+    ("collect", "--num_samples", "0", "must be at least 1, got '0'"),
+    ("collect", "--batch_size", "0", "must be at least 1, got '0'"),
+    ("collect", "--max_new_tokens", "-5", "must be at least 1, got '-5'"),
+    ("collect", "--top_k", "0", "must be at least 1, or -1, got '0'"),
+    ("collect", "--seed", "-1", "must be in [0, 4294967295], got '-1'"),
+    ("collect", "--eval_ratio", "1.5", "must be in [0, 1], got '1.5'"),
+    ("collect", "--max_batch_tokens", "-1", "must be at least 0, got '-1'"),
+    ("collect", "--num_atoms", "1", "must be at least 2, got '1'"),
+    ("collect", "--V_max", "nan", "expected a finite number, got 'nan'"),
+    ("collect", "--batch_size", "2.5", "expected an integer, got '2.5'"),
+    ("eval", "--top_p", "-0.1", "must be in [0, 1], got '-0.1'"),
+    ("eval", "--max_new_tokens", "0", "must be at least 1, got '0'"),
+    ("eval", "--num_samples", "0", "must be at least 1, got '0'"),
+    ("eval", "--max_prompt_length", "0", "must be at least 1, or -1, got '0'"),
+    ("eval", "--kl_batch_size", "0", "must be at least 1, got '0'"),
+    ("train", "--lr", "0", "must be greater than 0, got '0'"),
+    ("train", "--id_eval_ratio", "1", "must be in [0, 1), got '1'"),
+    ("train", "--num_epochs", "0", "must be at least 1, got '0'"),
+    ("train", "--batch_size", "0", "must be at least 1, got '0'"),
+    ("train", "--shift_reward", "nan", "expected a finite number, got 'nan'"),
+    ("train", "--weight_decay", "-0.1", "must be at least 0, got '-0.1'"),
+    ("train", "--warmup_step", "-2", "must be at least 0, or -1, got '-2'"),
+    ("train", "--keep_last_n", "0", "must be at least 1, or -1, got '0'"),
+    ("train", "--max_length", "0", "must be at least 1, or -1, got '0'"),
+    ("train", "--eval_max_size", "0", "must be at least 1, got '0'"),
+    ("train", "--world_size", "0", "must be at least 1, got '0'"),
+    ("train", "--top_p", "2", "must be in [0, 1], got '2'"),
+])
+def test_flag_out_of_its_domain(env, capsys, stage, flag, value, message):
+    error = refused(capsys, stage, with_flag(ARGV[stage](env), flag, value), outputs(env, stage))
+    assert f"argument {flag}: {message}" in error
+
+
+def test_every_value_of_a_sweep_is_checked(env, capsys):
+    error = refused(capsys, "eval", eval_argv(env, "--eta", "0", "1", "nan"), outputs(env, "eval"))
+    assert "argument --eta: expected a finite number, got 'nan'" in error
+
+
+def parser_of(module) -> argparse.ArgumentParser:
+    """The argument parser a stage's ``parse_args`` builds."""
+    seen = []
+
+    def grab(self, args=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    with mock.patch.object(ArgumentParser, "parse_args", grab), pytest.raises(SystemExit):
+        module.parse_args([])
+    return seen[0]
+
+
+@pytest.mark.parametrize("stage", ["collect", "combine", "train", "eval"])
+def test_every_numeric_flag_declares_its_domain(env, capsys, stage):
+    """No numeric flag is a bare int or float (the index range excepted: it is checked against
+    the problem file); each refuses a value outside its domain, naming the flag."""
+    actions = [a for a in parser_of(MODULES[stage])._actions if a.option_strings and a.type not in (None, str, int01)]
+    bare = [a.dest for a in actions if a.type in (int, float)]
+    assert set(bare) <= {"start_index", "end_index"}, f"flags without a domain: {bare}"
+    for action in (a for a in actions if a.type not in (int, float)):
+        flag = action.option_strings[0]
+        bad = "-2" if action.type.__name__.startswith("int_at_least") else "nan"
+        error = fails(capsys, stage, with_flag(ARGV[stage](env), flag, bad))
+        assert f"argument {flag}: " in error and repr(bad) in error
+
+
+def test_inherited_value_out_of_its_domain(env, capsys, tmp_path):
+    """args.json is checked against the same domains (it is written by train, or by hand)."""
+    exp = tmp_path / "exp"
+    shutil.copytree(Path(env["ckpt"]).parent, exp)
+    edit(exp / "args.json", lambda d: d.update(temperature=-1.0))
+    argv = eval_argv(env, ckpt=str(exp / "ckpt_0"))
+    error = refused(capsys, "eval", argv, [exp, env["root"] / "eval_out"])
+    assert f"{exp / 'args.json'}: temperature must be at least 0, got '-1.0'" in error
+    (exp / "args.json").write_text("[]")
+    assert "args.json: expected a JSON object, found list" in fails(capsys, "eval", argv)
+
+
+# ---------------------------------------------------------------- records: file, line and field
+
+
+def problem_lines(e) -> list[dict]:
+    return [json.loads(line) for line in Path(e["train"]).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case,extra,message", [
+    ("gsm8k_without_answer", [], "record 1 (line 2) has no answer field (other records carry answer"),
+    ("math_without_solution", ["--dataset_type", "math"], "record 1 (line 2) has no solution field"),
+    ("prompt_not_a_string", [], "record 1 (line 2): field prompt is not a string but int"),
+    ("not_an_object", [], "record 1 (line 2) is not a JSON object but list"),
+    ("after_a_blank_line", [], "record 1 (line 3) has no prompt field"),
+])
+def test_problem_record_refused_with_file_line_and_field(env, capsys, tmp_path, case, extra, message):
+    """Never graded: before, a GSM8K record without answer turned the file into MATH, graded
+    on solutions (no box in GSM8K's): every sample False."""
+    records = problem_lines(env)
+    lines = [json.dumps(r) for r in records]
+    if case == "gsm8k_without_answer":
+        del records[1]["answer"]
+        lines[1] = json.dumps(records[1])
+    elif case == "math_without_solution":
+        del records[1]["solution"]
+        lines[1] = json.dumps(records[1])
+    elif case == "prompt_not_a_string":
+        lines[1] = json.dumps({**records[1], "prompt": 5})
+    elif case == "not_an_object":
+        lines[1] = "[1, 2]"
+    elif case == "after_a_blank_line":
+        del records[1]["prompt"]
+        lines[1:2] = ["", json.dumps(records[1])]
+    bad = write(tmp_path / "problems.jsonl", "\n".join(lines))
+    argv = with_flag(collect_argv(env, *extra, output=str(tmp_path / "out")), "--data_path", bad)
+    error = refused(capsys, "collect", argv, [tmp_path / "out", Path(env["train_eval"])])
+    assert f"{bad}: {message}" in error
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["partial_guided_prompts_tokenized"].__setitem__(0, ["a"]),
+     "field partial_guided_prompts_tokenized, entry 0: expected a list of token ids"),
+    (lambda d: d["partial_guided_predictions_correctness"].__setitem__(0, "yes"),
+     "field partial_guided_predictions_correctness, entry 0: expected true/false (or 0/1), got 'yes'"),
+    (lambda d: d.update(fully_guided_predictions="text"), "field fully_guided_predictions is not a list"),
+    (lambda d: d.pop("problem"), "field problem is missing"),
+])
+def test_combine_refuses_bad_collected_entries(env, capsys, collected_copy, change, message):
+    edit(collected_copy / "1_r0.json", change)
+    error = refused(capsys, "combine", combine_argv(env, str(collected_copy)), [collected_copy])
+    assert f"{collected_copy / '1_r0.json'}: {message}" in error
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_field", ":2: field partial_guided_predictions_correctness is missing"),
+    ("unequal_lists", ":2: collected lists differ in length"),
+    ("not_an_object", ":2: expected a JSON object, found int"),
+    ("bad_token", ":2: field partial_guided_responses_tokenized, entry 0: expected a list of token ids"),
+])
+def test_train_refuses_bad_collected_lines(env, capsys, tmp_path, case, message):
+    records = [json.loads(line) for line in Path(env["combined"]).read_text().splitlines()]
+    line = records[1]
+    if case == "missing_field":
+        del line["partial_guided_predictions_correctness"]
+    elif case == "unequal_lists":
+        line["partial_guided_predictions"].append("extra")
+    elif case == "bad_token":
+        line["partial_guided_responses_tokenized"][0] = [1, -3]
+    text = [json.dumps(r) for r in records]
+    if case == "not_an_object":
+        text[1] = "7"
+    bad = write(tmp_path / "all_train_data.jsonl", "\n".join(text))
+    out = tmp_path / "train_out"
+    write(out / "args.json", "previous run")
+    error = refused(capsys, "train", with_flag(with_flag(train_argv(env), "--data_paths", bad), "--output_dir", str(out)),
+                    [out])
+    assert f"{bad}{message}" in error
+
+
+# ---------------------------------------------------------------- model, tokenizer and checkpoint loads
+
+
+@pytest.fixture(scope="module")
+def corrupt_ref(env, tmp_path_factory):
+    """``corrupt_ref(name)``: a copy of the reference model with that file cut in half."""
+
+    def make(name: str) -> str:
+        folder = tmp_path_factory.mktemp("corrupt_ref")
+        shutil.copytree(env["ref"], folder, dirs_exist_ok=True)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+        return str(folder)
+
+    return make
+
+
+@pytest.mark.parametrize("stage,flag,path,message", [
+    ("collect", "--ref_model_id", "{root}/nowhere/ref", "reference model {path} does not exist (a local path"),
+    ("collect", "--ref_model_id", "./typo_ref", "reference model ./typo_ref does not exist (a local path"),
+    ("collect", "--ref_model_id", "models/typo/ref", "reference model models/typo/ref does not exist (a local path"),
+    ("train", "--ref_model_id", "{root}/nowhere/ref", "tokenizer {path} does not exist (a local path"),
+    ("train", "--classifier_model_id", "{root}/nowhere/cls", "model config {path} does not exist (a local path"),
+    ("eval", "--ref_model_id", "{root}/nowhere/ref", "reference model {path} does not exist (a local path"),
+])
+def test_mistyped_model_path_names_the_path(env, capsys, tmp_path, stage, flag, path, message):
+    """A local-looking path is never sent to the hub (whose advice would be the internet connection)."""
+    path = path.format(root=env["root"])
+    argv = with_flag(with_flag(ARGV[stage](env), flag, path), "--output_dir", str(tmp_path / "out"))
+    error = refused(capsys, stage, argv, [tmp_path / "out", Path(env["train_eval"])])
+    assert message.format(path=path) in error and "internet" not in error
+
+
+@pytest.mark.parametrize("stage,name", [
+    ("collect", "model.safetensors"), ("collect", "tokenizer.json"), ("eval", "model.safetensors"),
+    ("train", "tokenizer.json"),
+])
+def test_corrupt_reference_model_names_the_file(env, capsys, corrupt_ref, tmp_path, stage, name):
+    ref = corrupt_ref(name)
+    out = tmp_path / "out"
+    argv = with_flag(ARGV[stage](env), "--ref_model_id", ref)
+    argv = with_flag(argv, "--output_dir", str(out))
+    error = refused(capsys, stage, argv, [out, Path(env["train_eval"])])
+    assert ref in error and name in error and "cannot be read" in error
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_corrupt_checkpoint_names_the_file(env, capsys, broken_ckpt, name):
+    """Eval refuses before it writes; train (warmstart) when it loads the checkpoint."""
+    ckpt = Path(broken_ckpt())
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(data[: len(data) // 2])
+    error = refused(capsys, "eval", eval_argv(env, "--output_dir", str(ckpt.parent / "out"), ckpt=str(ckpt)), [ckpt.parent])
+    assert f"classifier checkpoint {ckpt}: {name} cannot be read" in error
+    argv = train_argv(env, "--classifier_ckpt_path", str(ckpt), "--resume_opt_scheduler", "0")
+    argv = with_flag(with_flag(argv, "--init_mode", "warmstart"), "--output_dir", str(ckpt.parent / "train_out"))
+    error = refused(capsys, "train", argv, [ckpt.parent])
+    assert str(ckpt) in error and name in error and "cannot be read" in error
+
+
+def test_hub_ids_stay_hub_ids(tmp_path, monkeypatch):
+    """The rule of utils.models.is_local_path: org/name is a hub id unless such a folder exists."""
+    from utils.models import is_local_path
+
+    monkeypatch.chdir(tmp_path)
+    hub = ["meta-llama/Meta-Llama-3-8B-Instruct", "gpt2", "Qwen/Qwen2.5-1.5B-Instruct"]
+    local = ["./model", "../model", "/abs/model", "~/model", "checkpoints/exp/ckpt_10", "ckpt/"]
+    assert not any(is_local_path(name) for name in hub) and all(is_local_path(name) for name in local)
+    (tmp_path / "meta-llama" / "Meta-Llama-3-8B-Instruct").mkdir(parents=True)
+    assert is_local_path("meta-llama/Meta-Llama-3-8B-Instruct")
+
+
+# ---------------------------------------------------------------- the real command line, for the new kinds
+
+
+def test_command_line_refuses_a_corrupt_checkpoint_in_one_line(env, broken_ckpt):
+    """A library's error (safetensors) through a real process: one line, no traceback, no log lines."""
+    ckpt = Path(broken_ckpt())
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    before = tree(ckpt.parent)
+    argv = with_flag(eval_argv(env, ckpt=str(ckpt)), "--output_dir", str(ckpt.parent / "out"))
+    result = subprocess.run([sys.executable, str(REPO / "eval_ckpt.py"), *argv], cwd=env["root"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"classifier checkpoint {ckpt}: model.safetensors cannot be read" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and tree(ckpt.parent) == before

@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers.utils import logging as hf_logging
 
 from utils.data import temporary_prefix
-from utils.models import get_dtype
+from utils.models import get_dtype, loading
 from utils.registry import choose
 
 CLASSIFIER_TYPES = ("Q", "V")
@@ -275,7 +275,8 @@ class QSharpClassifier(nn.Module):
         if isinstance(dtype, str):
             dtype = get_dtype(dtype)
         if isinstance(lm, (str, os.PathLike)):
-            lm = AutoModelForCausalLM.from_pretrained(lm, **({"dtype": dtype} if dtype else {}))
+            with loading("classifier base model", lm):
+                lm = AutoModelForCausalLM.from_pretrained(lm, **({"dtype": dtype} if dtype else {}))
         elif dtype is not None:
             lm = lm.to(dtype)
         model = cls(lm.base_model, spec)  # weight and bias 0
@@ -348,12 +349,15 @@ class QSharpClassifier(nn.Module):
         fills them in for original checkpoints and overrides saved values when given.
         """
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"classifier checkpoint {path} does not exist")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a classifier checkpoint (no config.json)")
         if isinstance(dtype, str):
             dtype = get_dtype(dtype)
-        config = AutoConfig.from_pretrained(path)
-        head_state = _read_tensors(path, HEAD_PREFIX)
+        with loading("classifier checkpoint", path):
+            config = AutoConfig.from_pretrained(path)
+            head_state = _read_tensors(path, HEAD_PREFIX)
         if "weight" not in head_state:
             raise ValueError(f"{path} holds no classifier head ({HEAD_PREFIX}weight not found in its weights)")
         values = dict(getattr(config, CONFIG_KEY, None) or {})
@@ -363,7 +367,7 @@ class QSharpClassifier(nn.Module):
             values = _infer_spec(head_state, config.vocab_size)
         values["use_bias"] = "bias" in head_state
         spec = ClassifierSpec.from_dict(values)
-        with _quiet_transformers():
+        with _quiet_transformers(), loading("classifier checkpoint", path):
             backbone = AutoModel.from_pretrained(path, config=config, **({"dtype": dtype} if dtype else {}))
         param = next(backbone.parameters())
         weight = head_state["weight"]

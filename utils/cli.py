@@ -1,6 +1,11 @@
 """Command-line plumbing shared by the four stage scripts.
 
-- ``int01``: the original scripts' 0/1 integer flags.
+- Flag domains: ``int01`` (the original scripts' 0/1 integer flags) and the numeric types
+  below (``positive_int``, ``unit_interval``, ...). Every numeric flag of the four scripts is
+  declared with one of them (``--start_index/--end_index`` excepted: they are checked against
+  the problem file), so argparse refuses a value outside its domain (NaN and infinities
+  included) in one line naming the flag and the value; values inherited from args.json go
+  through the same types (:func:`load_run_args`).
 - ``ArgumentParser`` and ``run``: a user error (bad flag, ``ValueError``, ``OSError``) prints
   one ``error: ...`` line on stderr and exits 2 instead of a usage block or a traceback
   (``QSHARP_DEBUG=1`` re-raises).
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,6 +35,75 @@ def int01(value: str) -> int:
     if value not in ("0", "1"):
         raise argparse.ArgumentTypeError(f"expected 0 or 1, got {value!r}")
     return int(value)
+
+
+def _integer(value: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def int_at_least(low: int, off: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """argparse type of an integer flag in ``[low, high]``; ``off`` (e.g. -1 = no limit) is allowed too."""
+    domain = f"at least {low}" if high is None else f"in [{low}, {high}]"
+    domain += f", or {off}" if off is not None else ""
+
+    def parse(value: str) -> int:
+        number = _integer(value)
+        if number != off and not (low <= number and (high is None or number <= high)):
+            raise argparse.ArgumentTypeError(f"must be {domain}, got {value!r}")
+        return number
+
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+def float_in(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+             open_high: bool = False) -> Callable[[str], float]:
+    """argparse type of a finite float flag between ``low`` and ``high`` (None: unbounded;
+    ``open_*``: that end excluded). NaN and infinities are refused."""
+    if low is not None and high is not None:
+        domain = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    elif low is not None:
+        domain = f"{'greater than' if open_low else 'at least'} {low:g}"
+    else:
+        domain = f"{'less than' if open_high else 'at most'} {high:g}" if high is not None else ""
+
+    def parse(value: str) -> float:
+        number = _number(value)
+        below = low is not None and (number <= low if open_low else number < low)
+        above = high is not None and (number >= high if open_high else number > high)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"must be {domain}, got {value!r}")
+        return number
+
+    parse.__name__ = "float_in"
+    return parse
+
+
+# The numeric domains of the stages' flags.
+positive_int = int_at_least(1)  # counts and sizes: batch_size, num_samples, max_new_tokens, ...
+nonneg_int = int_at_least(0)  # 0 = none/off: max_batch_tokens, num_workers
+positive_int_or_off = int_at_least(1, off=-1)  # -1 = off/all: top_k, max_length, keep_last_n, ...
+nonneg_int_or_off = int_at_least(0, off=-1)  # warmup_step: -1 (the default) and 0 both mean none
+atoms_int = int_at_least(2)  # num_atoms: a histogram has two atoms at least
+seed_int = int_at_least(0, high=2**32 - 1)  # numpy's RandomState and bootstrap take no other seed
+finite_float = float_in()  # shift_reward, V_min, V_max
+nonneg_float = float_in(0.0)  # eta, temperature (0 = greedy), weight_decay
+positive_float = float_in(0.0, open_low=True)  # lr
+unit_interval = float_in(0.0, 1.0)  # top_p (1 = no nucleus), eval_ratio
+unit_interval_open = float_in(0.0, 1.0, open_high=True)  # id_eval_ratio: 1 would hold out every example
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,19 +125,35 @@ def run(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> 
     except (ValueError, OSError) as err:
         if os.environ.get("QSHARP_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (libraries' messages may span several)."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def load_run_args(checkpoint_path: str | os.PathLike) -> dict:
-    """The training arguments saved next to a checkpoint (``<checkpoint>/../args.json``)."""
+    """The training arguments saved next to a checkpoint (``<checkpoint>/../args.json``); the
+    values of the flags that collection and evaluation inherit must lie in those flags' domains."""
     checkpoint = Path(checkpoint_path)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     path = checkpoint.resolve().parent / ARGS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {ARGS_FILE} in its parent directory ({path})")
-    return read_json(path)
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(saved).__name__}")
+    for name, (type_, _) in INHERITABLE_FLAGS.items():
+        value = saved.get(name)
+        if type_ is not str and value is not None:
+            try:
+                type_(str(int(value) if isinstance(value, bool) else value))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"{path}: {name} {err}") from None
+    return saved
 
 
 def inherit(
@@ -140,15 +231,15 @@ INHERITABLE_FLAGS = {
     "train_eval_save_path": (str, "split map json"),
     "dataset_type": (str, "grading: gsm8k answers or math solutions (default: inferred from the records)"),
     "use_chat_template": (int01, "wrap prompts in the chat template (0/1)"),
-    "eta": (float, "guidance strength (0 = the reference policy)"),
-    "temperature": (float, "sampling temperature (0 = greedy)"),
-    "top_p": (float, "nucleus sampling"),
-    "max_new_tokens": (int, "response budget in tokens"),
+    "eta": (nonneg_float, "guidance strength (0 = the reference policy)"),
+    "temperature": (nonneg_float, "sampling temperature (0 = greedy)"),
+    "top_p": (unit_interval, "nucleus sampling (1 = off)"),
+    "max_new_tokens": (positive_int, "response budget in tokens"),
     "dtype": (str, "model dtype"),
     "match_fn_type": (str, "answer matching"),
-    "num_atoms": (int, "histogram atoms (mle)"),
-    "V_min": (float, "lowest atom (mle)"),
-    "V_max": (float, "highest atom (mle)"),
+    "num_atoms": (atoms_int, "histogram atoms (mle)"),
+    "V_min": (finite_float, "lowest atom (mle)"),
+    "V_max": (finite_float, "highest atom (mle)"),
 }
 
 
@@ -243,6 +334,6 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="continuous: keep --batch_size live rows, refilled as rows end, each request sampled from "
                              "its own seeded stream; generate: one model.generate() call per --batch_size problems, "
                              "seeded per batch (the original's loop)")
-    parser.add_argument("--max_batch_tokens", type=int, default=0,
+    parser.add_argument("--max_batch_tokens", type=nonneg_int, default=0,
                         help="continuous engine: at most this many padded prompt tokens prefilled in one step "
                              "(0 = no cap; one request always joins)")

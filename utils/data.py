@@ -105,17 +105,19 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 4) -> Non
         json.dump(obj, handle, indent=indent)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Load a JSON-lines file (blank lines skipped); a bad line raises ``ValueError`` with file and line number."""
+def read_jsonl(path: str | os.PathLike, line_numbers: bool = False) -> list:
+    """Load a JSON-lines file (blank lines skipped); a bad line raises ``ValueError`` with file
+    and line number. ``line_numbers``: ``(line number, record)`` pairs, to name a record's line."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_number}: malformed JSON line ({err.msg})") from None
+            records.append((line_number, record) if line_numbers else record)
     return records
 
 

@@ -7,6 +7,10 @@ check and the attention window of a backbone.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -57,9 +61,82 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     return tokenizer
 
 
+# A hub id: "name" or "org/name" (letters, digits, "-", "_", ".").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_local_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether a model argument is judged as a local path rather than a hub id: it exists, or
+    starts with ``/``, ``.`` or ``~``, or is not of the hub's ``name`` / ``org/name`` form
+    (``checkpoints/exp/ckpt_10``, with two slashes). ``meta-llama/Meta-Llama-3-8B-Instruct``
+    stays a hub id unless a folder of that name exists here."""
+    text = os.fspath(name_or_path)
+    return os.path.exists(text) or text.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(text)
+
+
+def unreadable_files(folder: str | os.PathLike) -> list[str]:
+    """Files of a model folder that cannot be read: ``*.json`` that does not parse,
+    ``*.safetensors`` whose header or size is wrong (e.g. truncated)."""
+    from safetensors import safe_open
+
+    folder, bad = Path(folder), []
+    if not folder.is_dir():
+        return bad
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            bad.append(path.name)
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # safetensors raises its own SafetensorError (an Exception)
+            bad.append(path.name)
+    return bad
+
+
+def _check_exists(what: str, text: str) -> None:
+    if is_local_path(text) and not os.path.exists(text):
+        raise FileNotFoundError(f"{what} {text} does not exist (a local path; hub ids have the form org/name)")
+
+
+def check_model_files(name_or_path: str | os.PathLike, what: str = "model") -> None:
+    """Before a stage writes anything: a local model or checkpoint folder must exist and its
+    json and safetensors files must be readable (headers only; the weights load later). Hub
+    ids are left to their load."""
+    text = os.fspath(name_or_path)
+    _check_exists(what, text)
+    bad = unreadable_files(text) if is_local_path(text) else []
+    if bad:
+        raise ValueError(f"{what} {text}: {', '.join(bad)} cannot be read (truncated or corrupt)")
+
+
+@contextlib.contextmanager
+def loading(what: str, name_or_path: str | os.PathLike):
+    """Around a library's load of ``what`` (tokenizer, model, checkpoint, ...) from
+    ``name_or_path``: a local path (:func:`is_local_path`) that does not exist is refused
+    before the hub is asked (no advice about the internet connection), and any library error
+    (transformers, tokenizers, safetensors, json, torch) becomes one ``ValueError`` naming the
+    path and the files of it that cannot be read. Out-of-memory errors pass through."""
+    text = os.fspath(name_or_path)
+    local = is_local_path(text)
+    _check_exists(what, text)
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # tokenizers and safetensors raise plain Exception subclasses
+        bad = unreadable_files(text) if local else []
+        where = f" ({', '.join(bad)} cannot be read)" if bad else "" if local else " (no such local folder: a hub id)"
+        raise ValueError(f"cannot load the {what} {text}{where}: {type(err).__name__}: {err}") from err
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding and a pad token."""
-    return ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))
+    with loading("tokenizer", name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return ensure_pad_token(tokenizer)
 
 
 def load_causal_lm(
@@ -68,7 +145,8 @@ def load_causal_lm(
     """A frozen causal LM in eval mode (the reference policy)."""
     if isinstance(dtype, str):
         dtype = get_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    with loading("model", name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     model.to(device or default_device()).eval().requires_grad_(False)
     return model
 
@@ -170,7 +248,8 @@ def attention_window(config) -> tuple[int | None, bool]:
 
 def config_vocab_size(name_or_path: str) -> int:
     """Vocabulary of a model from its config alone, before any weights are read."""
-    return AutoConfig.from_pretrained(name_or_path).vocab_size
+    with loading("model config", name_or_path):
+        return AutoConfig.from_pretrained(name_or_path).vocab_size
 
 
 def check_vocab_compatible(

@@ -13,28 +13,41 @@ REFERENCE_FIELD = {"gsm8k": "answer", "math": "solution"}
 
 
 def infer_dataset_type(records: list[dict]) -> str:
-    """``gsm8k`` when records carry an ``answer`` field, else ``math`` (graded on ``solution``)."""
-    return "gsm8k" if records and all("answer" in record for record in records) else "math"
+    """``gsm8k`` when any record carries an ``answer`` field (then every record must), else
+    ``math`` (graded on ``solution``). A GSM8K file with one ``answer`` missing is thus refused
+    at that record, never graded on the solutions of the whole file."""
+    return "gsm8k" if any(isinstance(record, dict) and "answer" in record for record in records) else "math"
 
 
 def load_problems(path: str | os.PathLike, dataset_type: str | None = None) -> tuple[list[dict], str]:
     """Problem records of a jsonl file and its dataset type (inferred when ``None``).
 
-    Every record must hold ``problem``, ``prompt`` and its reference field (``answer`` for
-    gsm8k, ``solution`` for math); the first one that does not is named with its line.
+    Every record must be an object holding the strings ``problem``, ``prompt`` and its
+    reference field (``answer`` for gsm8k, ``solution`` for math); the first one that does
+    not is named with its file, line and field.
     """
     if not os.path.isfile(path):
         what = "is a folder, not a jsonl file" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"problem file {path} {what}")
-    records = read_jsonl(path)
-    if not records:
+    lines = read_jsonl(path, line_numbers=True)
+    if not lines:
         raise ValueError(f"problem file {path} holds no records")
+    records = [record for _, record in lines]
+    given = dataset_type is not None
     dataset_type = choose("dataset_type", dataset_type or infer_dataset_type(records), DATASET_TYPES)
-    needed = ("problem", "prompt", REFERENCE_FIELD[dataset_type])
-    for index, record in enumerate(records):
-        missing = [field for field in needed if field not in record]
-        if missing:
-            raise ValueError(f"{path}: record {index} (line {index + 1}) has no {', '.join(missing)} field")
+    reference = REFERENCE_FIELD[dataset_type]
+    for index, (line, record) in enumerate(lines):
+        where = f"{path}: record {index} (line {line})"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is not a JSON object but {type(record).__name__}")
+        for field in ("problem", "prompt", reference):
+            if field not in record:
+                hint = "" if given or field != reference else (
+                    f" (other records carry {reference}, so the file is graded as {dataset_type}; "
+                    "--dataset_type chooses)")
+                raise ValueError(f"{where} has no {field} field{hint}")
+            if not isinstance(record[field], str):
+                raise ValueError(f"{where}: field {field} is not a string but {type(record[field]).__name__}")
     return records, dataset_type
 
 
@@ -53,7 +66,8 @@ def resolve_range(start_index: int, end_index: int, total: int) -> range:
     return range(start_index, end)
 
 
-# Lists that collection writes per repeat and combine concatenates across repeats (and rounds).
+# Lists that collection writes per repeat and combine concatenates across repeats (and rounds),
+# with the type of their entries.
 COLLECTED_FIELDS = (
     "fully_guided_predictions",
     "fully_guided_predictions_correctness",
@@ -64,3 +78,44 @@ COLLECTED_FIELDS = (
     "partial_guided_predictions",
     "partial_guided_predictions_correctness",
 )
+_TOKENS, _CORRECTNESS = "a list of token ids", "true/false (or 0/1)"
+COLLECTED_ENTRY = {
+    "fully_guided_predictions": "a string",
+    "fully_guided_predictions_correctness": _CORRECTNESS,
+    "partial_guided_prompts": "a string",
+    "partial_guided_prompts_tokenized": _TOKENS,
+    "num_response_tokens_in_partial_guided_prompts": "a whole number",
+    "partial_guided_responses_tokenized": _TOKENS,
+    "partial_guided_predictions": "a string",
+    "partial_guided_predictions_correctness": _CORRECTNESS,
+}
+
+
+def _entry_ok(kind: str, value) -> bool:
+    if kind == _TOKENS:
+        return isinstance(value, list) and (not value or set(map(type, value)) == {int} and min(value) >= 0)
+    if kind == _CORRECTNESS:
+        return value in (0, 1) and type(value) in (bool, int, float)
+    return isinstance(value, str) if kind == "a string" else type(value) is int
+
+
+def check_collected(record, where: str) -> dict:
+    """A collected record (one ``<id>_r<k>.json`` file, or one line of ``all_train_data.jsonl``)
+    as combine and training read it: an object with a ``problem`` string and every
+    :data:`COLLECTED_FIELDS` list, of equal lengths and entries of their type. ``where``
+    (``file`` or ``file:line``) starts the error."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    if not isinstance(record.get("problem"), str):
+        raise ValueError(f"{where}: field problem is {'missing' if 'problem' not in record else 'not a string'}")
+    for field in COLLECTED_FIELDS:
+        if not isinstance(record.get(field), list):
+            raise ValueError(f"{where}: field {field} is {'missing' if field not in record else 'not a list'}")
+    lengths = {field: len(record[field]) for field in COLLECTED_FIELDS}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{where}: collected lists differ in length ({', '.join(f'{k} {v}' for k, v in lengths.items())})")
+    for field, kind in COLLECTED_ENTRY.items():
+        for position, value in enumerate(record[field]):
+            if not _entry_ok(kind, value):
+                raise ValueError(f"{where}: field {field}, entry {position}: expected {kind}, got {str(value)[:40]!r}")
+    return record

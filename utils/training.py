@@ -10,7 +10,7 @@ import torch
 
 from utils.classifier import ClassifierSpec, per_position_loss
 from utils.data import read_jsonl
-from utils.problems import COLLECTED_FIELDS
+from utils.problems import COLLECTED_FIELDS, check_collected
 
 
 def merge_rounds(paths: list[str | os.PathLike]) -> list[dict]:
@@ -22,10 +22,8 @@ def merge_rounds(paths: list[str | os.PathLike]) -> list[dict]:
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--data_paths: {path} does not exist")
-        for line, record in enumerate(read_jsonl(path), start=1):
-            missing = [f for f in ("problem", *COLLECTED_FIELDS) if f not in record]
-            if missing:
-                raise ValueError(f"{path}:{line}: missing {', '.join(missing)}")
+        for line, record in read_jsonl(path, line_numbers=True):
+            check_collected(record, f"{path}:{line}")
             if record["problem"] not in merged:
                 merged[record["problem"]] = {**record, **{f: list(record[f]) for f in COLLECTED_FIELDS}}
             else:
