@@ -26,7 +26,8 @@ when the queue runs dry). ``tokens_per_s``: the response tokens kept in
 the roll-ins and roll-outs of the timed runs (stop ids included, padding after them not)
 over those runs' whole wall time. ``--profile 1`` adds ``profile``: the
 shares of the decode loop's time spent in the reference's decode forwards and prefills, the
-Q# processor (its classifier included), transformers' ``TopPLogitsWarper`` and the rest.
+Q# processor (its classifier included), the top-p filter (transformers' ``TopPLogitsWarper``
+in ``generate``, ``utils.guidance.top_p_filter`` in the engine) and the rest.
 ``--json`` prints ``{"problems_per_min", "samples_per_min", "tokens_per_s",
 "generate_share", "row_steps_kept", ...}``.
 """
@@ -50,7 +51,7 @@ from transformers import TopPLogitsWarper  # noqa: E402
 
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
-from utils import rollout  # noqa: E402
+from utils import guidance, rollout  # noqa: E402
 from utils.engine import ContinuousEngine  # noqa: E402
 from utils.guidance import QSharpLogitsProcessor  # noqa: E402
 from dataset.synthetic import write_synthetic_dataset  # noqa: E402
@@ -117,22 +118,29 @@ class EngineMeter:
 
 class Profile:
     """Seconds inside the reference's forwards (decode steps and prefills apart), the Q#
-    processor (the classifier's forward included) and transformers' ``TopPLogitsWarper``
-    (its sort of the vocabulary), for either engine. Installed around collection's model
-    loading, so that the reference's forward is timed on the instance."""
+    processor (the classifier's forward included) and the top-p filter (its sort of the
+    vocabulary: transformers' ``TopPLogitsWarper``, or ``utils.guidance.top_p_filter``, which
+    calls the warper on rows with a tie at the nucleus' edge), for either engine. Installed
+    around collection's model loading, so that the reference's forward is timed on the instance."""
 
     def __init__(self):
         self.seconds = {"reference_decode": 0.0, "reference_prefill": 0.0, "processor": 0.0, "top_p": 0.0}
         self.calls = {"reference_decode": 0, "reference_prefill": 0}
         self.patched = []
+        self.running = set()  # keys being timed (a call inside another of the same key is not counted again)
 
     @contextlib.contextmanager
     def clock(self, key):
+        if key in self.running:
+            yield
+            return
+        self.running.add(key)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[key] += time.perf_counter() - start
+            self.running.discard(key)
 
     def timed(self, function, key):
         @functools.wraps(function)
@@ -163,7 +171,8 @@ class Profile:
         targets = [(collect_training_data, "load_causal_lm", load_timed),
                    (QSharpLogitsProcessor, "__call__", self.timed(QSharpLogitsProcessor.__call__, "processor")),
                    (QSharpLogitsProcessor, "guide_rows", self.timed(QSharpLogitsProcessor.guide_rows, "processor")),
-                   (TopPLogitsWarper, "__call__", self.timed(TopPLogitsWarper.__call__, "top_p"))]
+                   (TopPLogitsWarper, "__call__", self.timed(TopPLogitsWarper.__call__, "top_p")),
+                   (guidance, "top_p_filter", self.timed(guidance.top_p_filter, "top_p"))]
         for owner, name, value in targets:
             self.patched.append((owner, name, getattr(owner, name)))
             setattr(owner, name, value)

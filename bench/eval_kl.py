@@ -7,9 +7,10 @@ classifier guiding a random reference, eta 1, top-k 20, temperature 0.8, top-p 0
 models over a vocabulary of 128256 tokens, Llama 3's, since the cost of KL grows with the
 vocabulary) is sampled twice with the same seeds:
 
-- online: ``utils.rollout.sample_batch`` as ``eval_ckpt.py`` runs it; the processor adds
-  the original's KL(top_p(guided / T) || reference / T) of each step from the two logit
-  vectors it already holds;
+- online: ``utils.rollout.sample_batch`` as ``eval_ckpt.py`` runs it with ``--engine
+  generate``; the processor adds the original's KL(top_p(guided / T) || reference / T) of
+  each step from the two logit vectors it already holds, and hands ``generate`` the same
+  top_p(guided / T) to sample from (one nucleus per step);
 - two-pass (the original code): every step's guided logits are kept
   ([batch, steps, vocab]), then a second forward pass of the reference model over
   prompt + response (``--kl_batch_size`` rows at a time) gives the reference logits.

@@ -53,9 +53,9 @@ def closed_form_offsets(logits, mode, eta, atoms=None):
 
 class KeepScores(LogitsProcessor):
     """Wraps a guidance processor and keeps every step's guided logits, as the original
-    evaluation did (memory O(batch x steps x vocab))."""
+    evaluation did (memory O(batch x steps x vocab)); the inner processor records no KL."""
 
-    is_noop = False
+    is_noop = records_kl = False
 
     def __init__(self, inner):
         self.inner, self.steps = inner, []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
-from tests.test_guidance import expected_guided
+from tests.test_guidance import NucleusCount, expected_guided
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.engine import ContinuousEngine, Request, left_pad
 from utils.guidance import QSharpLogitsProcessor, generate_responses
@@ -96,6 +96,19 @@ def test_sample_does_not_depend_on_batch_mates(ref_model, tokenizer, make_classi
     done, _ = run_engine(ref_model, early_stops, pad, [another_seed], 1,
                          processor_for(make_classifier, "V"), temperature=0.8, top_p=0.9)
     assert done["target"].tokens != alone.tokens  # the seed does decide the sample
+
+
+def test_one_nucleus_per_step_for_kl_and_sample(monkeypatch, ref_model, tokenizer, make_classifier, prompts,
+                                                early_stops):
+    """The KL of the guided rows is taken on the sampler's own top-p filtered logits: one
+    nucleus computation per step, with guided and unguided rows side by side."""
+    count = NucleusCount(monkeypatch)
+    requests = [Request(p, BUDGET, seed=i, guided=i % 2 == 0, tag=i) for i, p in enumerate(prompts)]
+    processor = processor_for(make_classifier, "V", kl_temperature=0.8, kl_top_p=0.9)
+    done, engine = run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, processor, temperature=0.8,
+                              top_p=0.9)
+    assert all(len(r.token_kl) == len(r.tokens) for r in done.values() if r.guided)
+    assert (count.filter_calls, count.warper_calls) == (engine.stats["steps"], 0)
 
 
 def sliding_classifier(tokenizer, classifier_type):

@@ -436,3 +436,70 @@ def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, cla
         assert len(sample["token_kl"]) == sample["num_response_tokens"] == len(sample["output_ids"])
         assert sample["traj_kl"] == pytest.approx(sum(sample["token_kl"]), abs=1e-5)
         assert 0 <= sample["traj_kl_before_top_p"] < sample["traj_kl"]  # top-p adds -log(nucleus mass) per token
+
+
+class NucleusCount:
+    """Counts nucleus computations: calls of ``utils.guidance.top_p_filter`` and calls of
+    transformers' ``TopPLogitsWarper`` made outside it (generate's or the engine's own)."""
+
+    def __init__(self, monkeypatch):
+        from transformers import TopPLogitsWarper
+
+        from utils import guidance
+
+        self.filter_calls, self.warper_calls, self.inside = 0, 0, False
+        top_p_filter, warper_call = guidance.top_p_filter, TopPLogitsWarper.__call__
+
+        def counted_filter(*args):
+            self.filter_calls, self.inside = self.filter_calls + 1, True
+            try:
+                return top_p_filter(*args)
+            finally:
+                self.inside = False
+
+        def counted_warper(warper, *args):
+            self.warper_calls += not self.inside
+            return warper_call(warper, *args)
+
+        monkeypatch.setattr(guidance, "top_p_filter", counted_filter)
+        monkeypatch.setattr(TopPLogitsWarper, "__call__", counted_warper)
+
+
+def test_generate_computes_one_nucleus_per_step_for_kl_and_sample(monkeypatch, tokenizer, ref_model, make_classifier):
+    """With KL recorded, the sample and the KL share one top-p filter per step: generate runs no
+    warper of its own."""
+    from utils.rollout import sample_batch
+
+    count = NucleusCount(monkeypatch)
+    processor = QSharpLogitsProcessor(make_classifier("V", "bce"), 4.0, 8, pad_token_id=tokenizer.pad_token_id,
+                                      kl_temperature=0.8, kl_top_p=0.9)
+    samples = sample_batch(ref_model, tokenizer, [{"prompt": p} for p in PROMPTS], processor, use_chat_template=True,
+                           temperature=0.8, top_p=0.9, max_new_tokens=12, stop_ids=get_stop_ids(ref_model, tokenizer))
+    assert (count.filter_calls, count.warper_calls) == (max(s["num_response_tokens"] for s in samples), 0)
+
+
+def test_kl_at_another_distribution_than_the_sampled_one_is_refused(tokenizer, ref_model, make_classifier):
+    processor = QSharpLogitsProcessor(make_classifier("V", "bce"), 4.0, 8, kl_temperature=1.0, kl_top_p=0.9)
+    batch = tokenize_prompts(tokenizer, PROMPTS[:1], use_chat_template=True)
+    with pytest.raises(ValueError, match="the KL is taken on the sampled distribution"):
+        generate_responses(ref_model, batch, [tokenizer.eos_token_id], tokenizer.pad_token_id, 4, 0.8, 0.9, processor)
+
+
+def test_top_p_filter_equals_transformers_warper_bit_for_bit():
+    """Random rows, rows of few distinct values (ties at the nucleus' edge: the warper's own path),
+    rows with -inf, every top_p: the same filtered set and values as ``TopPLogitsWarper``."""
+    from transformers import TopPLogitsWarper
+
+    from utils.guidance import top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    rows = {
+        "normal": torch.randn(6, 3000, generator=g) * 4,
+        "ties": torch.randint(-3, 4, (6, 3000), generator=g).float(),
+        "masked": torch.randn(6, 3000, generator=g).masked_fill(torch.rand(6, 3000, generator=g) < 0.5, float("-inf")),
+        "one token": torch.randn(6, 1, generator=g),
+    }
+    for name, logits in rows.items():
+        for top_p in (1e-9, 0.1, 0.5, 0.9, 0.999):
+            expected = TopPLogitsWarper(top_p, min_tokens_to_keep=1)(None, logits.clone())
+            assert torch.equal(top_p_filter(logits, top_p), expected), (name, top_p)

@@ -2,12 +2,13 @@
 
 Each step is one forward of the reference over the live rows with their KV cache (plus a
 prefill of the requests that join this step), then the logits processors in ``generate()``'s
-order: the Q# processor on the guided rows, then transformers' ``TemperatureLogitsWarper``
-and ``TopPLogitsWarper``, then sampling. A row that emits a stop id or reaches its budget
-leaves at once, with its cache rows; a queued request takes its place by prefill, its cache
-merged into the running one with left padding. Position ids come from the attention mask,
-as ``generate()`` computes them, so greedy decoding (``temperature == 0``) reproduces
-``generate()`` token for token.
+order: the Q# processor on the guided rows, then temperature and top-p
+(``utils.guidance.sampling_logits``, bit for bit transformers' warpers), then sampling. The
+KL of the guided rows is taken on those same sampling logits: one nucleus per step. A row
+that emits a stop id or reaches its budget leaves at once, with its cache rows; a queued
+request takes its place by prefill, its cache merged into the running one with left padding.
+Position ids come from the attention mask, as ``generate()`` computes them, so greedy
+decoding (``temperature == 0``) reproduces ``generate()`` token for token.
 
 Every request samples from its own stream: at join it draws ``max_new_tokens`` uniforms
 from a generator seeded with ``Request.seed`` and samples step ``t`` by the inverse CDF at
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache
 
 from utils.classifier import position_ids_from_mask
+from utils.guidance import sampling_logits
 from utils.kv_cache import leading_masked, left_pad_seq, merge, select, trim_left
 
 
@@ -82,11 +84,8 @@ class ContinuousEngine:
         self.stop_ids = set(int(i) for i in stop_ids)
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.processor, self.max_batch_tokens = processor, max_batch_tokens
-        self.warpers = []
-        if self.temperature > 0 and self.temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(self.temperature))
-        if self.temperature > 0 and self.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(self.top_p, min_tokens_to_keep=1))
+        if processor is not None:
+            processor.check_sampling(self.temperature, self.top_p)
         self.stats = {"steps": 0, "slot_steps": 0, "tokens": {}}
         # the last position's logits only, as generate() asks of models that take it
         takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -136,7 +135,10 @@ class ContinuousEngine:
                 live = live + joiners
             scores = logits[0] if len(logits) == 1 else torch.cat(logits)  # [live, vocab] float32
             processed = self._process(scores, live, n_old, last, joiners)
-            tokens = self._sample(processed, live, uniforms)  # [live]
+            warped = self._warp(processed)  # [live, vocab]
+            if self.processor is not None and self.processor.records_kl:
+                self._record_kl(scores, processed, warped, live)
+            tokens = self._sample(warped, live, uniforms)  # [live]
             self.stats["steps"] += 1
             self.stats["slot_steps"] += self.batch_size
             done = []
@@ -187,44 +189,46 @@ class ContinuousEngine:
         return torch.rand(request.max_new_tokens, generator=generator, dtype=torch.float64)
 
     def _process(self, scores, live, n_old, last, joiners) -> torch.Tensor:
-        """Guidance on the guided rows, and their KL recorded on their requests."""
+        """The logits [live, vocab] with guidance on the guided rows."""
         processor = self.processor
         rows = [i for i, r in enumerate(live) if r.guided]
-        if processor is None or not rows:
+        if processor is None or processor.is_noop or not rows:
             return scores
         index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-        sub = scores[index]  # [guided, vocab]
-        if processor.is_noop:
-            guided = sub
-        else:
-            old = [i for i in rows if i < n_old]
-            new_ids = last[torch.tensor(old, dtype=torch.long, device=scores.device)] if old else None
-            join_prompts = [r.prompt for r in joiners if r.guided]
-            join = left_pad(join_prompts, self.pad_token_id, scores.device) if join_prompts else None
-            guided = processor.guide_rows(sub, new_ids, join)
-        if processor.records_kl:
-            kl, plain = processor.step_kl(guided, sub)
-            for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
-                live[row].token_kl.append(a)
-                live[row].token_kl_before_top_p.append(b)
-        if guided is sub:
-            return scores
+        old = [i for i in rows if i < n_old]
+        new_ids = last[torch.tensor(old, dtype=torch.long, device=scores.device)] if old else None
+        join_prompts = [r.prompt for r in joiners if r.guided]
+        join = left_pad(join_prompts, self.pad_token_id, scores.device) if join_prompts else None
         processed = scores.clone()
-        processed[index] = guided
+        processed[index] = processor.guide_rows(scores[index], new_ids, join)
         return processed
 
-    def _sample(self, scores: torch.Tensor, live: list[Request], uniforms: torch.Tensor) -> torch.Tensor:
-        """Next token of every live row [live]: argmax at temperature 0, else the warpers, then
-        each row's inverse CDF at its own uniform for this step."""
+    def _warp(self, processed: torch.Tensor) -> torch.Tensor:
+        """The logits [live, vocab] sampled from: ``top_p(processed / T)``, the processed logits
+        themselves at temperature 0 (greedy)."""
+        return sampling_logits(processed, self.temperature, self.top_p) if self.temperature > 0 else processed
+
+    def _record_kl(self, scores, processed, warped, live) -> None:
+        """The guided rows' KL of this step, on their sampling logits, appended to their requests."""
+        rows = [i for i, r in enumerate(live) if r.guided]
+        if not rows:
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
+        kl, plain = self.processor.step_kl(processed[index], scores[index], warped[index])
+        for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
+            live[row].token_kl.append(a)
+            live[row].token_kl_before_top_p.append(b)
+
+    def _sample(self, warped: torch.Tensor, live: list[Request], uniforms: torch.Tensor) -> torch.Tensor:
+        """Next token of every live row [live] from its sampling logits ``warped``: argmax at
+        temperature 0, else the row's inverse CDF at its own uniform for this step."""
         if self.temperature <= 0:
-            return scores.argmax(dim=-1)
-        for warper in self.warpers:
-            scores = warper(None, scores)
-        probs = torch.softmax(scores, dim=-1)  # [live, vocab] float32
+            return warped.argmax(dim=-1)
+        probs = torch.softmax(warped, dim=-1)  # [live, vocab] float32
         cdf = probs.double().cumsum(dim=-1)  # [live, vocab]
-        step = torch.tensor([len(r.tokens) for r in live], dtype=torch.long, device=scores.device)
+        step = torch.tensor([len(r.tokens) for r in live], dtype=torch.long, device=warped.device)
         u = uniforms.gather(1, step[:, None]) * cdf[:, -1:]  # [live, 1]
-        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=scores.shape[-1] - 1)
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=warped.shape[-1] - 1)
 
 
 def widen(draws: torch.Tensor, width: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ never run the classifier.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor, TopPLogitsWarper
@@ -88,12 +89,37 @@ def guidance_offsets(logits: torch.Tensor, mode: str, eta: float, spec: Classifi
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``logits`` [batch, vocab] with the tokens outside the nucleus at -inf, exactly as
-    ``generate`` samples them (transformers' ``TopPLogitsWarper``, ``min_tokens_to_keep=1``);
-    ``top_p >= 1`` returns them unchanged."""
+    """``logits`` [batch, vocab] (float32) with the tokens outside the nucleus at -inf, bit for bit
+    as ``generate`` samples them (transformers' ``TopPLogitsWarper``, ``min_tokens_to_keep=1``);
+    ``top_p >= 1`` returns them unchanged.
+
+    On the CPU the nucleus comes from the sorted values alone: numpy's vectorised sort of the
+    values is an order of magnitude faster than ``torch.sort`` with its indices. The warper's
+    own softmax and cumulative sum over those values give how many tokens leave; every token
+    below the lowest kept value leaves. A row whose boundary splits equal values, where the
+    warper's order of ties decides, takes the warper's path.
+    """
     if top_p >= 1.0:
         return logits
-    return TopPLogitsWarper(top_p, min_tokens_to_keep=1)(None, logits)
+    warper = TopPLogitsWarper(top_p, min_tokens_to_keep=1)
+    if logits.device.type != "cpu":
+        return warper(None, logits)
+    ascending = torch.from_numpy(np.sort(logits.numpy(), axis=-1))  # [batch, vocab]
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)  # the warper's, over the same values in the same order
+    removed = (cumulative <= (1 - warper.top_p)).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)  # [batch, 1]
+    lowest = ascending.gather(1, removed)  # [batch, 1] the lowest kept value
+    filtered = logits.masked_fill(logits < lowest, float("-inf"))
+    split = ((removed > 0) & (ascending.gather(1, (removed - 1).clamp(min=0)) == lowest)).squeeze(1)  # [batch]
+    if bool(split.any()):
+        filtered[split] = warper(None, logits[split])
+    return filtered
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The logits [batch, vocab] a sample is drawn from, float32: ``top_p(logits / T)``, as
+    ``generate``'s temperature and top-p warpers make them (the tokens outside the nucleus at
+    -inf). The original's KL is taken on them; ``T == 1`` and ``top_p == 1`` leave the logits as they are."""
+    return top_p_filter(_scaled(logits, temperature), top_p)
 
 
 def kl_divergence(
@@ -102,14 +128,15 @@ def kl_divergence(
     """The original evaluation's KL per row, [batch] from raw logits [batch, vocab]:
     KL(softmax(s) || softmax(reference / T)) with ``s = top_p(guided / T)``.
 
-    ``s`` is what ``generate`` samples from (and records as its scores): the guided logits
-    after temperature, then top-p with the tokens outside the nucleus at -inf, which add
-    nothing. The reference side has no top-p, so at ``top_p < 1`` even the reference policy
-    itself (``guided == reference``) has KL > 0, about -log(nucleus mass). ``top_p=1`` gives
-    KL(softmax(guided / T) || softmax(reference / T)), the KL of the policies before top-p.
+    ``s`` is what ``generate`` samples from (and records as its scores),
+    :func:`sampling_logits`: the guided logits after temperature, then top-p with the tokens
+    outside the nucleus at -inf, which add nothing. The reference side has no top-p, so at
+    ``top_p < 1`` even the reference policy itself (``guided == reference``) has KL > 0,
+    about -log(nucleus mass). ``top_p=1`` gives KL(softmax(guided / T) || softmax(reference / T)),
+    the KL of the policies before top-p.
     """
     log_q = torch.log_softmax(_scaled(reference, temperature), dim=-1)
-    return _kl_from_log_probs(torch.log_softmax(top_p_filter(_scaled(guided, temperature), top_p), dim=-1), log_q)
+    return _kl_from_log_probs(torch.log_softmax(sampling_logits(guided, temperature, top_p), dim=-1), log_q)
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -143,7 +170,10 @@ class QSharpLogitsProcessor(LogitsProcessor):
     padding anyway.
 
     With ``kl_temperature`` set, every step also records the original evaluation's KL
-    (:func:`kl_divergence` at that temperature and ``kl_top_p``), a no-op guidance included.
+    (:func:`kl_divergence` at that temperature and ``kl_top_p``), a no-op guidance included,
+    and the processor returns the logits that KL is taken on, :func:`sampling_logits`: it
+    stands in for ``generate``'s temperature and top-p warpers (:func:`generate_responses` then
+    runs none), so the nucleus is computed once per step for the KL and the sample.
 
     ``top_k=-1`` guides every token (with a V head that is one candidate per vocabulary
     entry and row: practical only for small vocabularies). Candidate ids beyond the
@@ -222,22 +252,27 @@ class QSharpLogitsProcessor(LogitsProcessor):
             raise ValueError("no KL recorded: create the processor with kl_temperature and run it first")
         return torch.stack(steps, dim=1)
 
-    def step_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_sampling(self, temperature: float, top_p: float) -> None:
+        """Refuse to record KL on another distribution than the one sampled at ``temperature`` and
+        ``top_p``: the KL's ``sampling_logits`` are the sampler's. Greedy decoding (``temperature``
+        0) picks the argmax of the logits themselves, which goes with KL at temperature 1 and top_p 1."""
+        sampled = (float(temperature), float(top_p)) if temperature > 0 else (1.0, 1.0)
+        if self.records_kl and (float(self.kl_temperature), self.kl_top_p) != sampled:
+            raise ValueError(f"KL recorded at temperature {self.kl_temperature} and top_p {self.kl_top_p}, but sampling "
+                             f"is at temperature {temperature} and top_p {top_p}: the KL is taken on the sampled "
+                             f"distribution (temperature 1 and top_p 1 for greedy decoding)")
+
+    def step_kl(self, guided: torch.Tensor, scores: torch.Tensor,
+                warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This step's KL of the guided against the reference logits (both raw, [batch, vocab]):
         :func:`kl_divergence` after and before top-p ([batch] each), sharing the reference's
-        log-probabilities."""
+        log-probabilities. ``warped`` [batch, vocab] are the sampler's
+        ``sampling_logits(guided, kl_temperature, kl_top_p)``, whose nucleus is not computed again."""
         log_q = torch.log_softmax(_scaled(scores, self.kl_temperature), dim=-1)  # [batch, vocab]
-        scaled = _scaled(guided, self.kl_temperature)
-        plain = _kl_from_log_probs(torch.log_softmax(scaled, dim=-1), log_q)
+        plain = _kl_from_log_probs(torch.log_softmax(_scaled(guided, self.kl_temperature), dim=-1), log_q)
         if self.kl_top_p >= 1.0:
             return plain, plain
-        return _kl_from_log_probs(torch.log_softmax(top_p_filter(scaled, self.kl_top_p), dim=-1), log_q), plain
-
-    def _record_kl(self, guided: torch.Tensor, scores: torch.Tensor) -> None:
-        """Append this step's :meth:`step_kl`."""
-        kl, plain = self.step_kl(guided, scores)
-        self._kl_steps.append(kl)
-        self._kl_plain_steps.append(plain)
+        return _kl_from_log_probs(torch.log_softmax(warped, dim=-1), log_q), plain
 
     # ---- per-step entry point
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -245,9 +280,13 @@ class QSharpLogitsProcessor(LogitsProcessor):
             with torch.no_grad():
                 return self(input_ids, scores)
         guided = scores if self.is_noop else self._guide(input_ids, scores)
-        if self.records_kl:
-            self._record_kl(guided, scores)
-        return guided
+        if not self.records_kl:
+            return guided
+        warped = sampling_logits(guided, self.kl_temperature, self.kl_top_p)  # [batch, vocab]
+        kl, plain = self.step_kl(guided, scores, warped)
+        self._kl_steps.append(kl)
+        self._kl_plain_steps.append(plain)
+        return warped
 
     def _guide(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The guided logits [batch, vocab]: ``scores`` with the offsets on each row's candidates."""
@@ -500,10 +539,14 @@ def generate_responses(
     up to and including its first stop id.
     """
     processors = []
-    if processor is not None and (not processor.is_noop or processor.records_kl):
+    warps = processor is not None and processor.records_kl  # the processor returns the sampling logits
+    if warps:
+        processor.check_sampling(temperature, top_p)
+    if processor is not None and (not processor.is_noop or warps):
         processor.reset(batch["attention_mask"], stop_ids=stop_ids)
         processors.append(processor)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+    sampling = {"do_sample": True, "temperature": 1.0 if warps else temperature, "top_p": 1.0 if warps else top_p,
+                "top_k": None}
     output = model.generate(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
