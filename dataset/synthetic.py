@@ -13,7 +13,9 @@ Records are ``json.dumps(record)`` joined with "\\n" (no trailing newline), exac
 ``--dataset_type gsm8k``. ``answer`` is an integer string and the solution ends with
 ``The answer is \\boxed{N}.``.
 
-Each problem is two or three small steps (single-digit factors, sums below 200) in words.
+Each problem is two or three small steps in words; every step combines a number below 100
+with a single digit (single-digit factors and divisors, one-digit additions and subtractions),
+so that a tiny model learns the arithmetic quickly and the trap is what it gets wrong.
 Every template has a *trap* at its first equation: a plausible wrong operation (adding
 instead of multiplying, adding what was lost, subtracting instead of dividing, ...).
 :meth:`Problem.solution` writes the correct worked solution or, with ``wrong=True``, the
@@ -108,7 +110,7 @@ def _groups(rng: random.Random) -> Problem | None:
     """have + buy b groups of c - give away d.  Trap: b + c instead of b * c."""
     name, pr = _person(rng)
     obj, box = rng.choice(OBJECTS), rng.choice(CONTAINERS)
-    a, b, c, d = rng.randint(2, 30), rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+    a, b, c, d = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
     good, bad = b * c, b + c
     s, ws = a + good, a + bad
     ans, wans = s - d, ws - d
@@ -133,7 +135,7 @@ def _rate(rng: random.Random) -> Problem | None:
     """a per period for b periods, then c more.  Trap: a + b instead of a * b."""
     name, pr = _person(rng)
     verb, unit, period = rng.choice(ACTIVITIES)
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 30)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
     good, bad = a * b, a + b
     ans, wans = good + c, bad + c
     if ans == wans:
@@ -154,21 +156,24 @@ def _rate(rng: random.Random) -> Problem | None:
 
 
 def _more_than(rng: random.Random) -> Problem | None:
-    """other has b more (fewer) than a; together.  Trap: the opposite sign."""
+    """other has b more (fewer) than a, then finds c more.  Trap: the opposite sign."""
     name, _ = _person(rng)
-    other, _ = _person(rng, exclude=name)
+    other, pr = _person(rng, exclude=name)
     obj = rng.choice(OBJECTS)
-    a, b = rng.randint(10, 60), rng.randint(2, 9)
+    a, b, c = rng.randint(10, 60), rng.randint(2, 9), rng.randint(2, 9)
     more = rng.random() < 0.5
     good, bad = (a + b, a - b) if more else (a - b, a + b)
-    ans, wans = a + good, a + bad
+    ans, wans = good + c, bad + c
     word = "more" if more else "fewer"
-    text = f"{name} has {a} {obj}. {other} has {b} {word} {obj} than {name}. How many {obj} do they have together?"
+    text = (
+        f"{name} has {a} {obj}. {other} has {b} {word} {obj} than {name}. "
+        f"Then {other} finds {c} more {obj}. How many {obj} does {other} have now?"
+    )
 
     def steps(op, m, final):
         return (
             f"{other} has {a} {op} {b} = {m} {obj}.",
-            f"Together they have {a} + {m} = {final} {obj}.",
+            f"After finding {c} more, {other} has {m} + {c} = {final} {obj}.",
         )
 
     good_op, bad_op = ("+", "-") if more else ("-", "+")
@@ -182,7 +187,7 @@ def _times_as_many(rng: random.Random) -> Problem | None:
     obj = rng.choice(OBJECTS)
     a, k = rng.randint(2, 9), rng.randint(2, 9)
     good, bad = a * k, a + k
-    d = rng.randint(1, min(good, bad))
+    d = rng.randint(1, min(9, good, bad))
     ans, wans = good - d, bad - d
     if ans == wans:
         return None
@@ -204,7 +209,7 @@ def _share(rng: random.Random) -> Problem | None:
     """a shared equally among b friends, each gets c more.  Trap: a - b instead of a / b."""
     name, pr = _person(rng)
     obj = rng.choice(OBJECTS)
-    b, q, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 20)
+    b, q, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
     a = b * q
     good, bad = q, a - b
     ans, wans = good + c, bad + c
@@ -228,7 +233,7 @@ def _lost_found(rng: random.Random) -> Problem | None:
     """had a, lost b, found c.  Trap: a + b (adds what was lost)."""
     name, pr = _person(rng)
     obj = rng.choice(OBJECTS)
-    a, b, c = rng.randint(10, 60), rng.randint(2, 9), rng.randint(2, 30)
+    a, b, c = rng.randint(10, 60), rng.randint(2, 9), rng.randint(2, 9)
     good, bad = a - b, a + b
     ans, wans = good + c, bad + c
     text = (

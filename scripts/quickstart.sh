@@ -22,7 +22,11 @@ BATCH="${QS_BATCH:-32}"
 DROP_NO_VARIATION="${QS_DROP_NO_VARIATION:-1}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-step() { echo; echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"; }
+: > "$OUT/steps.tsv"
+step() {  # step NAME: prints the elapsed time and records when each step starts in steps.tsv
+  echo; echo "== [$((SECONDS / 60))m$((SECONDS % 60))s] $*"
+  printf '%s\t%s\n' "$SECONDS" "$*" >> "$OUT/steps.tsv"
+}
 
 DATA="$OUT/dataset"
 step "synthetic dataset: $NUM_TRAIN train / $NUM_TEST test problems"
@@ -80,7 +84,7 @@ evaluate "$CKPT2" "$ETA"
 ETA_TAG=$(python -c "print(float('$ETA'))")  # output names spell eta as a float
 TAG="top_k_20_temp_0.8"
 step "summary ($((SECONDS / 60)) min $((SECONDS % 60)) s)"
-python "$REPO/scripts/summarize_quickstart.py" --out "$OUT/summary.json" \
+python "$REPO/scripts/summarize_quickstart.py" --out "$OUT/summary.json" --seed "$SEED" --steps "$OUT/steps.tsv" \
   --row "reference=$CKPT1/reward_stats_eta_0.0_${TAG}.json" \
   --row "cd=$CKPT1/reward_stats_eta_${ETA_TAG}_${TAG}_cd.json" \
   --row "qsharp_round1=$CKPT1/reward_stats_eta_${ETA_TAG}_${TAG}.json" \

@@ -18,8 +18,8 @@ REDUCED = {
     "QS_MAX_NEW_TOKENS": "24",
     "QS_DROP_NO_VARIATION": "0",  # a barely trained reference may solve nothing
     "QS_EPOCHS": "1",
-    "QS_PRETRAIN_ARGS": "--ref_hidden 32 --ref_layers 1 --ref_heads 2 --ref_steps 20 "
-    "--cls_hidden 16 --cls_layers 1 --cls_heads 2 --cls_steps 10 --log_every 0",
+    "QS_PRETRAIN_ARGS": "--ref_hidden 32 --ref_layers 2 --ref_heads 2 --ref_max_steps 20 --stop_target 0 "
+    "--stop_decay_steps 5 --cls_layers 1 --log_every 0",
 }
 
 
@@ -37,3 +37,6 @@ def test_reduced_quickstart_writes_summary(tmp_path):
         assert row["pass_at_k"] >= row["pass_at_1"]
     assert summary["rows"][0]["kl_mean"] > 0.0  # the reference (eta 0): top-p's -log(nucleus mass), as the original
     assert "| qsharp_round2 |" in result.stdout  # the markdown table is printed
+    assert summary["seed"] == 0 and summary["wall_s"] > 0
+    assert [s["step"] for s in summary["steps"]][:2] == ["synthetic dataset: 16 train / 6 test problems",
+                                                         "pretraining the reference and the classifier LM"]

@@ -13,7 +13,8 @@ import pytest
 
 from tests.stages import REPO
 from utils import real_models
-from utils.real_models import RealModelError, build_base_models, extract_gguf, truncated_state_dict
+from utils.real_models import RealModelError, build_base_models, extract_gguf
+from utils.tiny_models import first_layers_state
 
 
 def test_unreachable_index_is_one_line_and_writes_nothing(tmp_path):
@@ -53,10 +54,10 @@ def test_failed_build_leaves_no_folder(tmp_path, monkeypatch):
     assert not any((tmp_path / "models").glob("*"))
 
 
-def test_truncated_state_dict_keeps_first_layers_norm_and_embeddings():
+def test_first_layers_state_keeps_first_layers_norm_and_embeddings():
     state = {f"model.layers.{i}.mlp.weight": i for i in range(12)}
     state.update({"model.embed_tokens.weight": "e", "model.norm.weight": "n", "lm_head.weight": "e"})
-    kept = truncated_state_dict(state, 6)
+    kept = first_layers_state(state, 6)
     assert sorted(kept) == sorted([f"model.layers.{i}.mlp.weight" for i in range(6)]
                                   + ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
 

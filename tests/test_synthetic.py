@@ -22,7 +22,15 @@ from dataset.synthetic import (
 )
 from utils.answers import extract_boxed, grade
 from utils.models import get_stop_ids, load_causal_lm, load_tokenizer, tokenize_prompts
-from utils.pretrain import encode_examples, make_batch, measure_pass_at_1, pretrain
+from utils.pretrain import (
+    encode_examples,
+    make_batch,
+    measure_pass_at_1,
+    pretrain,
+    probe_records,
+    train_lm,
+    wsd_lr,
+)
 from utils.splits import build_split_map, load_split_map
 from utils.tiny_models import END
 
@@ -47,8 +55,7 @@ def models_dir(data_dir, tmp_path_factory):
     torch.set_num_threads(2)
     pretrain(
         data_dir, out, seed=1, batch_size=4, num_examples=64, tokenizer_examples=64, log_every=0,
-        ref={"hidden": 32, "layers": 2, "heads": 2, "steps": 3},
-        classifier={"hidden": 16, "layers": 1, "heads": 2, "steps": 2},
+        ref={"hidden": 32, "layers": 2, "heads": 2, "max_steps": 3}, stop={"target": 0, "decay_steps": 1}, cls_layers=1,
     )
     return out
 
@@ -164,7 +171,10 @@ def test_pretrained_dirs_load_and_share_the_tokenizer(models_dir, data_dir):
     cls = load_causal_lm(str(models_dir / "classifier"), dtype="float32", device="cpu")
     n_ref, n_cls = (sum(p.numel() for p in m.parameters()) for m in (ref, cls))
     assert n_cls < n_ref
-    assert cls.config.hidden_size < ref.config.hidden_size
+    assert cls.config.num_hidden_layers < ref.config.num_hidden_layers
+    # the classifier LM is the reference's first layers: same embeddings, same first layer
+    ref_state, cls_state = ref.state_dict(), cls.state_dict()
+    assert all(torch.equal(cls_state[k], ref_state[k]) for k in cls_state)
     assert ref.config.model_type == cls.config.model_type == "llama"
     end_id = ref_tok.convert_tokens_to_ids(END)
     for model in (ref, cls):
@@ -197,8 +207,7 @@ def test_training_prefix_matches_inference_tokenisation(models_dir, data_dir):
 def test_pretraining_is_deterministic_and_trains(models_dir, data_dir, tmp_path):
     pretrain(
         data_dir, tmp_path, seed=1, batch_size=4, num_examples=64, tokenizer_examples=64, log_every=0,
-        ref={"hidden": 32, "layers": 2, "heads": 2, "steps": 3},
-        classifier={"hidden": 16, "layers": 1, "heads": 2, "steps": 2},
+        ref={"hidden": 32, "layers": 2, "heads": 2, "max_steps": 3}, stop={"target": 0, "decay_steps": 1}, cls_layers=1,
     )
     for name in ("ref", "classifier"):
         a = load_causal_lm(str(models_dir / name), dtype="float32", device="cpu").state_dict()
@@ -220,3 +229,54 @@ def test_measure_reports_pass_at_1(models_dir, data_dir):
     assert result["num_problems"] == 3 and result["num_samples"] == 2
     assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["wrong_branch_rate"] <= 1.0
     assert 1 <= result["max_response_tokens"] <= 6
+
+
+def test_wsd_schedule():
+    lr = [wsd_lr(step, 1.0, warmup=4, decay_start=10, decay_steps=5) for step in range(16)]
+    torch.testing.assert_close(lr[:4], [0.25, 0.5, 0.75, 1.0])
+    assert lr[4:10] == [1.0] * 6  # stable until the decay starts
+    torch.testing.assert_close(lr[10:], [0.82, 0.64, 0.46, 0.28, 0.1, 0.1])
+    assert wsd_lr(10_000, 1.0, warmup=4, decay_start=None, decay_steps=5) == 1.0  # not decided yet
+
+
+class Scalar(torch.nn.Module):
+    """A one-parameter 'model' with a loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return type("Out", (), {"loss": (self.w * x).square().mean()})()
+
+
+def run_rule(ready_at: int | None, max_steps: int = 40):
+    model, asked = Scalar(), []
+
+    def ready(step):
+        asked.append(step)
+        return ready_at is not None and step >= ready_at
+
+    losses = train_lm(model, 10, lambda idx: {"x": torch.tensor(idx, dtype=torch.float)}, max_steps, 2, 0.1, 0,
+                      decay_steps=5, ready=ready, check_every=4, min_steps=8, log_every=0)
+    return len(losses), asked
+
+
+def test_stopping_rule_decays_after_the_probe_holds():
+    steps, asked = run_rule(ready_at=16)
+    assert asked == [8, 12, 16]  # from min_steps on, every check_every steps, until it holds
+    assert steps == 16 + 5  # then decay_steps more
+
+
+def test_stopping_rule_gives_up_at_max_steps():
+    steps, asked = run_rule(ready_at=None)
+    assert asked == [8, 12, 16, 20, 24, 28, 32]  # the last check before max_steps - decay_steps
+    assert steps == 40
+
+
+def test_probe_problems_are_held_out(data_dir):
+    seen = [r["problem"] for r in read_records(data_dir / "synth_test.jsonl")]
+    probe = probe_records(20, seed=5, exclude=seen)
+    assert len(probe) == 20 and not {r["problem"] for r in probe} & set(seen)
+    assert probe == probe_records(20, seed=5, exclude=seen)
+    assert all(grade(r["solution"], r["answer"], "gsm8k") for r in probe)  # correct solutions (took_wrong_branch's gold)

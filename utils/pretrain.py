@@ -1,11 +1,13 @@
-"""Pretrain a tiny reference LM (and a smaller classifier LM) on synthetic word problems, on CPU.
+"""Pretrain a tiny reference LM on synthetic word problems, on CPU, and cut the classifier LM from it.
 
-    python -m utils.pretrain --data_dir DIR --out_dir MODELS [--seed 0] [--ref_steps N] [--cls_steps N]
+    python -m utils.pretrain --data_dir DIR --out_dir MODELS [--seed 0]
     python -m utils.pretrain --data_dir DIR --out_dir MODELS --measure 200 [--skip_train 1]
 
 writes ``MODELS/ref`` and ``MODELS/classifier`` like ``utils.tiny_models`` does (model,
 tokenizer, generation config whose EOS ids are ``</s>`` and ``<|end|>``), both Llama models
-over one byte-level BPE tokenizer built on synthetic text (digits one per token).
+over one byte-level BPE tokenizer built on synthetic text (digits one per token). The
+classifier LM is the trained reference's first ``--cls_layers`` decoder layers (with its
+embeddings, final norm and head), as the real-model demo guides SmolLM2 with its 6-layer cut.
 
 Data: fresh problems from ``dataset/synthetic.py`` (none of them in ``DIR/synth_train.jsonl``
 or ``DIR/synth_test.jsonl``, so the stage scripts' train and test problems are equally unseen).
@@ -17,36 +19,51 @@ decided by one operator token early in the response.
 Each example is the chat-formatted user turn holding the record's ``prompt``
 (``tokenizer.apply_chat_template(..., add_generation_prompt=True)``, the text the stage
 scripts feed with ``--use_chat_template 1``), then the solution and ``<|end|>``; the loss is
-on the response tokens only. ``--measure N`` samples 4 responses for each of the first N
-test problems (T 0.8, top-p 0.9) and prints pass@1, split by whether the response took
-the wrong branch.
-"""
+on the response tokens only.
 
+Schedule and stopping rule (:data:`STOP`): the learning rate warms up, then stays constant
+while the reference learns to copy and compute; every ``--stop_check_every`` steps a probe
+samples held-out problems (T 0.8, top-p 0.9, as the stages sample) and measures pass@1 on
+the samples that took the right branch. Once that reaches ``--stop_target``, the learning
+rate decays linearly over ``--stop_decay_steps`` and training ends; the decay is what makes
+the arithmetic exact (e.g. 50% -> 98% on the right branch). So the reference lands where
+guidance has room whatever the seed, and ``--ref_max_steps`` bounds the time for a seed that
+learns slowly. ``--measure N`` samples 4 responses for each of the first N test problems
+and prints pass@1, split by whether the response took the wrong branch.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from dataset.synthetic import FILES, pretraining_records, took_wrong_branch
+from dataset.synthetic import FILES, generate_problems, pretraining_records, took_wrong_branch
 from utils.answers import grade
+from utils.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run, unit_interval
 from utils.data import read_jsonl
 from utils.guidance import generate_responses
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer, tokenize_prompts
-from utils.tiny_models import END, build_model, build_tokenizer
+from utils.tiny_models import END, build_model, build_tokenizer, first_layers_state
 
-DEFAULTS = {
-    # 1200 steps learn the arithmetic for some data draws only (final loss 0.035 -> pass@1 41%,
-    # 0.084 -> 15%); 1600 leave a margin
-    "ref": {"hidden": 128, "layers": 4, "heads": 4, "steps": 1600, "lr": 3e-3},
-    # smaller than the reference, but pretrained long enough to read the problem: a weaker
-    # backbone (hidden 64, 2 layers, 300 steps) made a classifier that barely steers
-    "classifier": {"hidden": 96, "layers": 3, "heads": 4, "steps": 700, "lr": 3e-3},
-}
+DEFAULTS = {"hidden": 128, "layers": 4, "heads": 4, "lr": 3e-3, "max_steps": 1800}
+# The stopping rule: every ``check_every`` steps from ``min_steps`` on, sample ``samples``
+# responses to each of ``problems`` held-out problems; once the reference solves ``target`` of
+# those on which it takes the right branch, decay the learning rate over ``decay_steps`` and
+# stop. The decay makes the arithmetic nearly exact (seed 2: decay from step 700 at 6% -> 72%;
+# from 900 at 21% -> 94%; from 1100 at 50% -> 98%), so what the reference still gets wrong is
+# the trap, which guidance can fix. Decaying earlier leaves arithmetic errors that blur the
+# classifier's signal (seed 0, decay at 21%: Q# round 1 gained 9 points, not 30).
+STOP = {"target": 0.5, "min_steps": 500, "check_every": 100, "decay_steps": 300, "problems": 64, "samples": 2}
+# the classifier LM: the reference's first CLS_LAYERS decoder layers (no pretraining of its own)
+CLS_LAYERS = 2
+# problems of the stopping rule's probe come from their own random stream
+PROBE_STREAM = 5_000_011
 
 
 # --------------------------------------------------------------------------- data
@@ -102,49 +119,95 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
 # --------------------------------------------------------------------------- training
 
 
+def wsd_lr(step: int, lr: float, warmup: int, decay_start: int | None, decay_steps: int) -> float:
+    """Warm-up, stable, decay: linear warm-up to ``lr``, constant until ``decay_start`` (None: not
+    yet decided), then linear decay to ``0.1 * lr`` over ``decay_steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay_start is None or step < decay_start:
+        return lr
+    return lr * (1.0 - 0.9 * min(1.0, (step - decay_start + 1) / max(1, decay_steps)))
+
+
 def train_lm(
     model,
-    examples: list[tuple[list[int], list[int]]],
-    pad_id: int,
-    steps: int,
+    num_examples: int,
+    batch_of: Callable[[list[int]], dict[str, torch.Tensor]],
+    max_steps: int,
     batch_size: int,
     lr: float,
     seed: int,
+    decay_steps: int = 0,
+    ready: Callable[[int], bool] | None = None,
+    check_every: int = 0,
+    min_steps: int = 0,
     log_every: int = 100,
     name: str = "model",
 ) -> list[float]:
-    """AdamW with linear warm-up and cosine decay on response tokens; returns the per-step losses."""
+    """AdamW with a warm-up-stable-decay schedule (:func:`wsd_lr`) on ``batch_of(indices)``,
+    the batches of a random order of ``num_examples`` examples (reshuffled when used up).
+
+    The stable phase lasts until ``ready(step)`` returns True (asked every ``check_every``
+    steps from ``min_steps`` on; it measures the model) or until ``max_steps - decay_steps``;
+    then ``decay_steps`` more steps decay the learning rate and training ends. Returns the
+    per-step losses.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = max(1, min(100, steps // 10))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    warmup = max(1, min(100, max_steps // 10))
+    decay_start = None if ready is not None else max(warmup, max_steps - decay_steps)
     model.train()
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    position, losses, t0 = 0, [], time.time()
-    for step in range(steps):
+    order = torch.randperm(num_examples, generator=generator).tolist()
+    position, losses, t0, step = 0, [], time.time(), 0
+    while decay_start is None or step < decay_start + decay_steps:
         if position + batch_size > len(order):
-            order, position = torch.randperm(len(examples), generator=generator).tolist(), 0
-        batch = make_batch([examples[i] for i in order[position : position + batch_size]], pad_id)
+            order, position = torch.randperm(num_examples, generator=generator).tolist(), 0
+        batch = batch_of(order[position : position + batch_size])
         position += batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = wsd_lr(step, lr, warmup, decay_start, decay_steps)
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        scheduler.step()
         losses.append(loss.item())
-        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+        step += 1
+        if log_every and (step % log_every == 0):
             recent = losses[-log_every:]
-            print(f"[{name}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"[{name}] step {step} loss {sum(recent) / len(recent):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if decay_start is None:
+            if step >= max_steps - decay_steps:
+                print(f"[{name}] not ready after {step} steps; decaying anyway", flush=True)
+                decay_start = step
+            elif check_every and step >= min_steps and step % check_every == 0:
+                model.eval()
+                if ready(step):
+                    decay_start = step
+                model.train()
     model.eval()
     return losses
+
+
+def probe_records(n: int, seed: int, exclude: Iterable[str]) -> list[dict]:
+    """``n`` held-out problems (correct solutions) for the stopping rule: none of them in
+    ``exclude`` (the stage scripts' problems and the pretraining problems)."""
+    return generate_problems(n, seed * 7919 + PROBE_STREAM, exclude=exclude)
+
+
+def cut_model(model, num_layers: int):
+    """A copy of ``model`` with its embeddings, its first ``num_layers`` decoder layers, its final
+    norm and its head (the classifier LM: it reads the problem as the reference learned to)."""
+    config = copy.deepcopy(model.config)
+    if num_layers > config.num_hidden_layers:
+        raise ValueError(f"--cls_layers {num_layers}: the reference has {config.num_hidden_layers} layers")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    cut = AutoModelForCausalLM.from_config(config)
+    cut.load_state_dict(first_layers_state(model.state_dict(), num_layers), strict=True)
+    cut.generation_config = copy.deepcopy(model.generation_config)
+    return cut.eval()
 
 
 def pretrain(
@@ -152,7 +215,8 @@ def pretrain(
     out_dir: str | Path,
     seed: int = 0,
     ref: dict | None = None,
-    classifier: dict | None = None,
+    stop: dict | None = None,
+    cls_layers: int = CLS_LAYERS,
     batch_size: int = 32,
     wrong_rate: float = 0.45,
     num_examples: int | None = None,
@@ -161,35 +225,52 @@ def pretrain(
     arch: str = "llama",
     log_every: int = 100,
 ) -> dict[str, Path]:
-    """Build the tokenizer, train both models, write ``out_dir/ref`` and ``out_dir/classifier``."""
-    ref = {**DEFAULTS["ref"], **(ref or {})}
-    classifier = {**DEFAULTS["classifier"], **(classifier or {})}
+    """Build the tokenizer, train the reference until the stopping rule (``stop``, see
+    :data:`STOP`) holds, cut the classifier LM from it; write ``out_dir/ref`` and
+    ``out_dir/classifier``. ``stop["target"] = 0`` trains ``ref["max_steps"]`` steps unmeasured."""
+    ref = {**DEFAULTS, **(ref or {})}
+    stop = {**STOP, **(stop or {})}
     if num_examples is None:  # every step sees fresh problems
-        num_examples = max(ref["steps"], classifier["steps"]) * batch_size
+        num_examples = ref["max_steps"] * batch_size
     t0 = time.time()
-    examples = pretraining_records(num_examples, seed, wrong_rate, exclude=load_excluded_problems(data_dir))
+    excluded = load_excluded_problems(data_dir)
+    examples = pretraining_records(num_examples, seed, wrong_rate, exclude=excluded)
     tokenizer = build_tokenizer(corpus=tokenizer_corpus(examples[:tokenizer_examples]), vocab_size=vocab_size)
-    encoded = encode_examples(tokenizer, [record for record, _ in examples])
-    check_prompt_ids(tokenizer, examples[0][0], encoded[0][0])
-    lengths = [len(p) + len(r) for p, r in encoded]
-    print(
-        f"data: {len(encoded)} examples ({sum(w for _, w in examples) / len(examples):.0%} trapped), "
-        f"vocab {len(tokenizer)}, tokens/example mean {sum(lengths) / len(lengths):.0f} max {max(lengths)}, "
-        f"response tokens max {max(len(r) for _, r in encoded)} ({time.time() - t0:.1f} s)",
-        flush=True,
+    check_prompt_ids(tokenizer, examples[0][0], encode_examples(tokenizer, [examples[0][0]])[0][0])
+
+    def batch_of(indices: list[int]) -> dict[str, torch.Tensor]:  # encoded when first used
+        return make_batch(encode_examples(tokenizer, [examples[i][0] for i in indices]), tokenizer.pad_token_id)
+
+    print(f"data: {len(examples)} examples ({sum(w for _, w in examples) / len(examples):.0%} trapped), "
+          f"vocab {len(tokenizer)} ({time.time() - t0:.1f} s)", flush=True)
+    ready = None
+    if stop["target"] > 0:
+        seen = excluded + [record["problem"] for record, _ in examples]
+        probe = probe_records(stop["problems"], seed, exclude=seen)
+
+        def ready(step: int) -> bool:
+            result = sampled_pass_at_1(model, tokenizer, probe, stop["samples"], seed=seed)
+            print(f"[ref] step {step} probe: pass@1 {result['pass@1']:.3f}, wrong branch "
+                  f"{result['wrong_branch_rate']:.3f}, pass@1 on the right branch "
+                  f"{result['pass@1_on_right_branch']:.3f} (target {stop['target']})", flush=True)
+            return result["pass@1_on_right_branch"] >= stop["target"]
+
+    start = time.time()
+    model = build_model(arch, tokenizer, ref["hidden"], ref["layers"], ref["heads"], seed=seed)
+    print(f"[ref] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, at most "
+          f"{ref['max_steps']} steps of {batch_size}", flush=True)
+    losses = train_lm(
+        model, len(examples), batch_of, ref["max_steps"], batch_size, ref["lr"], seed,
+        decay_steps=stop["decay_steps"], ready=ready, check_every=stop["check_every"],
+        min_steps=stop["min_steps"], log_every=log_every, name="ref",
     )
-    paths = {}
-    for offset, (name, spec) in enumerate((("ref", ref), ("classifier", classifier))):
-        start = time.time()
-        model = build_model(arch, tokenizer, spec["hidden"], spec["layers"], spec["heads"], seed=seed + offset)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"[{name}] {n_params / 1e6:.2f} M parameters, {spec['steps']} steps of {batch_size}", flush=True)
-        train_lm(model, encoded, tokenizer.pad_token_id, spec["steps"], batch_size, spec["lr"], seed + offset, log_every, name)
-        path = Path(out_dir) / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-        print(f"[{name}] wrote {path} ({time.time() - start:.0f} s)", flush=True)
+    print(f"[ref] {len(losses)} steps ({time.time() - start:.0f} s)", flush=True)
+    paths = {"ref": Path(out_dir) / "ref", "classifier": Path(out_dir) / "classifier"}
+    classifier = cut_model(model, cls_layers)
+    for name, lm in (("ref", model), ("classifier", classifier)):
+        lm.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+        print(f"[{name}] {sum(p.numel() for p in lm.parameters()) / 1e6:.2f} M parameters: wrote {paths[name]}", flush=True)
     return paths
 
 
@@ -197,8 +278,9 @@ def pretrain(
 
 
 @torch.no_grad()
-def measure_pass_at_1(
-    model_dir: str | Path,
+def sampled_pass_at_1(
+    model,
+    tokenizer,
     records: list[dict],
     num_samples: int = 4,
     temperature: float = 0.8,
@@ -207,31 +289,30 @@ def measure_pass_at_1(
     batch_size: int = 128,
     seed: int = 0,
 ) -> dict:
-    """Sampled pass@1 of the model at ``model_dir`` on ``records`` (``num_samples`` each).
+    """Sampled pass@1 of ``model`` on ``records`` (``num_samples`` each), as the stages sample.
 
     Also splits the samples by :func:`dataset.synthetic.took_wrong_branch` (first
-    equation differs from the gold solution's).
+    equation differs from the gold solution's). The global RNG is left as it was.
     """
-    tokenizer = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
     stop_ids = get_stop_ids(model, tokenizer)
     jobs = [record for record in records for _ in range(num_samples)]
-    torch.manual_seed(seed)
     correct, wrong_branch, max_len, truncated = [], [], 0, 0
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        batch = tokenize_prompts(tokenizer, [r["prompt"] for r in chunk], use_chat_template=True)
-        responses, lengths = generate_responses(
-            model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens, temperature, top_p
-        )
-        for row, record in enumerate(chunk):
-            length = int(lengths[row])
-            ids = responses[row, :length].tolist()
-            max_len = max(max_len, length)
-            truncated += not ids or ids[-1] not in stop_ids
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct.append(grade(text, record["answer"], "gsm8k"))
-            wrong_branch.append(took_wrong_branch(text, record["solution"]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            batch = tokenize_prompts(tokenizer, [r["prompt"] for r in chunk], use_chat_template=True)
+            responses, lengths = generate_responses(
+                model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens, temperature, top_p
+            )
+            for row, record in enumerate(chunk):
+                length = int(lengths[row])
+                ids = responses[row, :length].tolist()
+                max_len = max(max_len, length)
+                truncated += not ids or ids[-1] not in stop_ids
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                correct.append(grade(text, record["answer"], "gsm8k"))
+                wrong_branch.append(took_wrong_branch(text, record["solution"]))
 
     def rate(values):
         return sum(values) / len(values) if values else float("nan")
@@ -250,29 +331,48 @@ def measure_pass_at_1(
     }
 
 
+def measure_pass_at_1(model_dir: str | Path, records: list[dict], **kwargs) -> dict:
+    """:func:`sampled_pass_at_1` of the model saved at ``model_dir``."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), dtype="float32", device="cpu")
+    return sampled_pass_at_1(model, tokenizer, records, **kwargs)
+
+
 # --------------------------------------------------------------------------- script
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", type=str, required=True, help="folder of synth_train.jsonl / synth_test.jsonl")
     p.add_argument("--out_dir", type=str, required=True, help="writes OUT_DIR/ref and OUT_DIR/classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of the pretraining data, weights and batches")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--skip_train", type=int, default=0, help="1: only measure the models already in OUT_DIR")
-    p.add_argument("--batch_size", type=int, default=32, help="sequences per step")
-    p.add_argument("--wrong_rate", type=float, default=0.45, help="share of pretraining solutions that fall into the trap")
-    p.add_argument("--num_examples", type=int, default=None, help="pretraining problems (default: steps x batch, all fresh)")
-    p.add_argument("--vocab_size", type=int, default=1024, help="BPE vocabulary size")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads")
+    p.add_argument("--skip_train", type=int, choices=(0, 1), default=0, help="1: only measure the models already in OUT_DIR")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="sequences per step")
+    p.add_argument("--wrong_rate", type=unit_interval, default=0.45, help="share of pretraining solutions that fall into the trap, in [0, 1]")
+    p.add_argument("--num_examples", type=positive_int, default=None, help="pretraining problems (default: max_steps x batch, all fresh)")
+    p.add_argument("--vocab_size", type=positive_int, default=1024, help="BPE vocabulary size")
     p.add_argument("--arch", type=str, default="llama", help="model family (utils.tiny_models.ARCHS)")
-    for name, spec in DEFAULTS.items():
-        prefix = "ref" if name == "ref" else "cls"
-        for key, value in spec.items():
-            p.add_argument(f"--{prefix}_{key}", type=type(value), default=value, help=f"{name} {key}")
-    p.add_argument("--log_every", type=int, default=100, help="steps between loss lines (0: none)")
-    p.add_argument("--measure", type=int, default=0, help="after training, pass@1 of ref on the first N test problems")
-    p.add_argument("--measure_samples", type=int, default=4, help="samples per problem when measuring")
-    p.add_argument("--max_new_tokens", type=int, default=96, help="generation budget when measuring")
+    p.add_argument("--ref_hidden", type=positive_int, default=DEFAULTS["hidden"], help="reference hidden size")
+    p.add_argument("--ref_layers", type=positive_int, default=DEFAULTS["layers"], help="reference decoder layers")
+    p.add_argument("--ref_heads", type=positive_int, default=DEFAULTS["heads"], help="reference attention heads")
+    p.add_argument("--ref_lr", type=positive_float, default=DEFAULTS["lr"], help="peak learning rate")
+    p.add_argument("--ref_max_steps", type=positive_int, default=DEFAULTS["max_steps"],
+                   help="steps at most, decay included (the stopping rule usually ends sooner)")
+    p.add_argument("--stop_target", type=unit_interval, default=STOP["target"],
+                   help="stop when the probe's pass@1 on the right branch reaches this (0: no probe, train --ref_max_steps)")
+    p.add_argument("--stop_min_steps", type=nonneg_int, default=STOP["min_steps"], help="first step the probe runs at")
+    p.add_argument("--stop_check_every", type=positive_int, default=STOP["check_every"], help="steps between probes")
+    p.add_argument("--stop_decay_steps", type=nonneg_int, default=STOP["decay_steps"],
+                   help="steps of learning-rate decay after the rule holds")
+    p.add_argument("--stop_problems", type=positive_int, default=STOP["problems"], help="held-out problems the probe samples")
+    p.add_argument("--stop_samples", type=positive_int, default=STOP["samples"], help="samples per probe problem")
+    p.add_argument("--cls_layers", type=positive_int, default=CLS_LAYERS,
+                   help="the classifier LM is the reference's first N decoder layers")
+    p.add_argument("--log_every", type=nonneg_int, default=100, help="steps between loss lines (0: none)")
+    p.add_argument("--measure", type=nonneg_int, default=0, help="after training, pass@1 of ref on the first N test problems")
+    p.add_argument("--measure_samples", type=positive_int, default=4, help="samples per problem when measuring")
+    p.add_argument("--max_new_tokens", type=positive_int, default=96, help="generation budget when measuring")
     return p.parse_args(argv)
 
 
@@ -281,12 +381,11 @@ def main(args: argparse.Namespace) -> None:
     torch.set_flush_denormal(True)
     if not args.skip_train:
         start = time.time()
-        spec = {
-            name: {key: getattr(args, f"{'ref' if name == 'ref' else 'cls'}_{key}") for key in DEFAULTS[name]}
-            for name in DEFAULTS
-        }
+        ref = {"hidden": args.ref_hidden, "layers": args.ref_layers, "heads": args.ref_heads, "lr": args.ref_lr,
+               "max_steps": args.ref_max_steps}
+        stop = {key: getattr(args, f"stop_{key}") for key in STOP}
         pretrain(
-            args.data_dir, args.out_dir, args.seed, spec["ref"], spec["classifier"], args.batch_size,
+            args.data_dir, args.out_dir, args.seed, ref, stop, args.cls_layers, args.batch_size,
             args.wrong_rate, args.num_examples, args.vocab_size, arch=args.arch, log_every=args.log_every,
         )
         print(f"[time] pretraining: {time.time() - start:.0f} s", flush=True)
@@ -294,11 +393,12 @@ def main(args: argparse.Namespace) -> None:
         start = time.time()
         records = read_jsonl(Path(args.data_dir) / FILES["test"][0])[: args.measure]
         result = measure_pass_at_1(
-            Path(args.out_dir) / "ref", records, args.measure_samples, max_new_tokens=args.max_new_tokens, seed=args.seed
+            Path(args.out_dir) / "ref", records, num_samples=args.measure_samples,
+            max_new_tokens=args.max_new_tokens, seed=args.seed,
         )
         print("measure: " + json.dumps(result), flush=True)
         print(f"[time] measuring: {time.time() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args())

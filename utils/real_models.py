@@ -106,17 +106,6 @@ def plain_config(config, num_layers: int | None = None):
     return LlamaConfig(**values)
 
 
-def truncated_state_dict(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Embeddings, final norm, head and the first ``num_layers`` decoder layers of a Llama state dict."""
-    kept = {}
-    for key, value in state.items():
-        if key.startswith("model.layers."):
-            if int(key.split(".")[2]) >= num_layers:
-                continue
-        kept[key] = value
-    return kept
-
-
 def save_checkpoint(state: dict[str, torch.Tensor], config, tokenizer, generation_config, folder: Path) -> None:
     """A fresh ``LlamaForCausalLM`` of ``config`` holding ``state``, saved atomically to ``folder``."""
     from transformers import LlamaForCausalLM
@@ -172,7 +161,9 @@ def build_base_models(out_dir: Path) -> tuple[Path, Path]:
         save_checkpoint(state, plain_config(config), tokenizer, generation_config, ref_dir)
         print(f"wrote {ref_dir}")
     if not is_complete(cls_dir):
-        small = truncated_state_dict(state, CLASSIFIER_LAYERS)
+        from utils.tiny_models import first_layers_state
+
+        small = first_layers_state(state, CLASSIFIER_LAYERS)
         save_checkpoint(small, plain_config(config, CLASSIFIER_LAYERS), tokenizer, generation_config, cls_dir)
         print(f"wrote {cls_dir}")
     return ref_dir, cls_dir

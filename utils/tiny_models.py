@@ -13,6 +13,7 @@ from both. No download.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -145,6 +146,20 @@ def build_model(arch: str, tokenizer, hidden: int, layers: int, heads: int, seed
         pad_token_id=tokenizer.pad_token_id,
     )
     return model
+
+
+_LAYER_KEY = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")
+
+
+def first_layers_state(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A causal LM's state dict without the decoder layers from ``num_layers`` on (embeddings,
+    final norm and head stay)."""
+    kept = {}
+    for key, value in state.items():
+        match = _LAYER_KEY.match(key)
+        if match is None or int(match.group(1)) < num_layers:
+            kept[key] = value
+    return kept
 
 
 def write_tiny_models(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> dict[str, Path]:
