@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM
 
 from dataset.synthetic import FILES, generate_problems, pretraining_records, took_wrong_branch
 from utils.answers import grade
-from utils.cli import ArgumentParser, nonneg_int, positive_float, positive_int, run, unit_interval
+from utils.cli import ArgumentParser, int01, nonneg_int, positive_float, positive_int, run, seed_int, unit_interval
 from utils.data import read_jsonl
 from utils.guidance import generate_responses
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer, tokenize_prompts
@@ -345,9 +345,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_dir", type=str, required=True, help="folder of synth_train.jsonl / synth_test.jsonl")
     p.add_argument("--out_dir", type=str, required=True, help="writes OUT_DIR/ref and OUT_DIR/classifier")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pretraining data, weights and batches")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the pretraining data, weights and batches")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads")
-    p.add_argument("--skip_train", type=int, choices=(0, 1), default=0, help="1: only measure the models already in OUT_DIR")
+    p.add_argument("--skip_train", type=int01, default=0, help="1: only measure the models already in OUT_DIR")
     p.add_argument("--batch_size", type=positive_int, default=32, help="sequences per step")
     p.add_argument("--wrong_rate", type=unit_interval, default=0.45, help="share of pretraining solutions that fall into the trap, in [0, 1]")
     p.add_argument("--num_examples", type=positive_int, default=None, help="pretraining problems (default: max_steps x batch, all fresh)")
