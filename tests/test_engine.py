@@ -136,8 +136,8 @@ def test_classifier_values_under_joins_and_leaves(monkeypatch, ref_model, tokeni
     original = ContinuousEngine._process
     checked = {"steps": 0, "joins": 0, "rows": set()}
 
-    def checking(self, scores, live, n_old, last, joiners):
-        guided = original(self, scores, live, n_old, last, joiners)
+    def checking(self, scores, live, rows, n_old, last, joiners):
+        guided = original(self, scores, live, rows, n_old, last, joiners)
         sequences = [r.prompt + r.tokens for r in live]
         batch = left_pad(sequences, tokenizer.pad_token_id)
         expected, _ = expected_guided(classifier, batch["input_ids"], batch["attention_mask"], scores, "bernoulli", 3.0, 5)

@@ -134,10 +134,11 @@ class ContinuousEngine:
                                                                      widen(draws, uniforms.shape[1])])
                 live = live + joiners
             scores = logits[0] if len(logits) == 1 else torch.cat(logits)  # [live, vocab] float32
-            processed = self._process(scores, live, n_old, last, joiners)
+            rows = [i for i, r in enumerate(live) if r.guided] if self.processor is not None else []
+            processed = self._process(scores, live, rows, n_old, last, joiners)
             warped = self._warp(processed)  # [live, vocab]
-            if self.processor is not None and self.processor.records_kl:
-                self._record_kl(scores, processed, warped, live)
+            if rows and self.processor.records_kl:
+                self._record_kl(scores, processed, warped, live, rows)
             tokens = self._sample(warped, live, uniforms)  # [live]
             self.stats["steps"] += 1
             self.stats["slot_steps"] += self.batch_size
@@ -188,11 +189,10 @@ class ContinuousEngine:
         generator = torch.Generator().manual_seed(request.seed)
         return torch.rand(request.max_new_tokens, generator=generator, dtype=torch.float64)
 
-    def _process(self, scores, live, n_old, last, joiners) -> torch.Tensor:
-        """The logits [live, vocab] with guidance on the guided rows."""
+    def _process(self, scores, live, rows, n_old, last, joiners) -> torch.Tensor:
+        """The logits [live, vocab] with guidance on the guided ``rows`` (indices into ``live``)."""
         processor = self.processor
-        rows = [i for i, r in enumerate(live) if r.guided]
-        if processor is None or processor.is_noop or not rows:
+        if not rows or processor.is_noop:  # no rows without a processor
             return scores
         index = torch.tensor(rows, dtype=torch.long, device=scores.device)
         old = [i for i in rows if i < n_old]
@@ -208,11 +208,8 @@ class ContinuousEngine:
         themselves at temperature 0 (greedy)."""
         return sampling_logits(processed, self.temperature, self.top_p) if self.temperature > 0 else processed
 
-    def _record_kl(self, scores, processed, warped, live) -> None:
-        """The guided rows' KL of this step, on their sampling logits, appended to their requests."""
-        rows = [i for i, r in enumerate(live) if r.guided]
-        if not rows:
-            return
+    def _record_kl(self, scores, processed, warped, live, rows) -> None:
+        """The guided ``rows``' KL of this step, on their sampling logits, appended to their requests."""
         index = torch.tensor(rows, dtype=torch.long, device=scores.device)
         kl, plain = self.processor.step_kl(processed[index], scores[index], warped[index])
         for row, a, b in zip(rows, kl.tolist(), plain.tolist()):

@@ -68,16 +68,6 @@ def resolve_range(start_index: int, end_index: int, total: int) -> range:
 
 # Lists that collection writes per repeat and combine concatenates across repeats (and rounds),
 # with the type of their entries.
-COLLECTED_FIELDS = (
-    "fully_guided_predictions",
-    "fully_guided_predictions_correctness",
-    "partial_guided_prompts",
-    "partial_guided_prompts_tokenized",
-    "num_response_tokens_in_partial_guided_prompts",
-    "partial_guided_responses_tokenized",
-    "partial_guided_predictions",
-    "partial_guided_predictions_correctness",
-)
 _TOKENS, _CORRECTNESS = "a list of token ids", "true/false (or 0/1)"
 COLLECTED_ENTRY = {
     "fully_guided_predictions": "a string",
@@ -89,6 +79,7 @@ COLLECTED_ENTRY = {
     "partial_guided_predictions": "a string",
     "partial_guided_predictions_correctness": _CORRECTNESS,
 }
+COLLECTED_FIELDS = tuple(COLLECTED_ENTRY)
 
 
 def _entry_ok(kind: str, value) -> bool:
