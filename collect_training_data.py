@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from utils.cli import (
@@ -55,14 +54,14 @@ from utils.cli import (
     seed_int,
     unit_interval,
 )
-from utils.data import remove_stale_temporaries, write_json
+from utils.data.io import remove_stale_temporaries, write_json
 from utils.distributed import current_process, process_device, rank_share
-from utils.guidance import is_noop_guidance, resolve_guidance_mode
-from utils.models import check_model_files, get_stop_ids, load_causal_lm, load_tokenizer
-from utils.problems import load_problems, reference_of, resolve_range
-from utils.rollout import collect_batch, collect_continuous, make_processor
-from utils.seeding import batch_seed, set_seed
-from utils.splits import ensure_split_map
+from utils.decoding.backends import make_backend
+from utils.decoding.guidance import is_noop_guidance, resolve_guidance_mode
+from utils.decoding.rollout import collect, make_processor
+from utils.models import check_model_files, load_tokenizer
+from utils.data.problems import load_problems, resolve_range
+from utils.data.splits import ensure_split_map
 
 # Flags read from the checkpoint's args.json when not given (round 2+), with their defaults.
 INHERITED = {
@@ -110,7 +109,8 @@ def run_settings(args: argparse.Namespace, dataset_type: str) -> dict:
     return {"dataset_type": dataset_type, **{name: getattr(args, name) for name in names}}
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> dict:
+    """Collect every missing file of this rank; returns the backend's ``stats``."""
     process = current_process()
     saved = None
     if not args.is_first_round:
@@ -138,78 +138,33 @@ def main(args: argparse.Namespace) -> None:
                 (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(args.ref_model_id)
-    if args.engine == "continuous":
-        collect_with_engine(args, process, records, dataset_type, tokenizer, mine, output_dir)
-    else:
-        collect_with_generate(args, process, records, dataset_type, tokenizer, mine, output_dir)
-
-
-def load_models(args, process, tokenizer):
-    """The roll-in guidance and the reference model on this rank's device, and its stop ids."""
     device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
-    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path,
-                               device=device)
-    ref_model = load_causal_lm(args.ref_model_id, args.dtype, device)
-    return processor, ref_model, get_stop_ids(ref_model, tokenizer)
-
-
-def say_progress(process, args, mine, done: int, total: int, unit: str, output_dir: Path) -> None:
-    """The rank's one line on what is left to collect."""
-    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
-    process.say(f"collect: {span}, {args.num_samples} repeats, {done} of {total} {unit} already done -> {output_dir}")
-
-
-def collect_with_engine(args, process, records, dataset_type, tokenizer, mine, output_dir: Path) -> None:
-    """Every missing (problem, repeat) file of this rank through the continuous engine."""
-    work = [(i, r) for r in range(args.num_samples) for i in mine if not (output_dir / problem_file_name(i, r)).exists()]
+    backend = make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
+                           batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                           max_batch_tokens=args.max_batch_tokens)
+    work = backend.pending(mine, args.num_samples, lambda i, r: (output_dir / problem_file_name(i, r)).exists())
     total = len(mine) * args.num_samples
-    say_progress(process, args, mine, total - len(work), total, "files", output_dir)
+    span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"
+    process.say(f"collect: {span}, {args.num_samples} repeats, {total - len(work)} of {total} files already done "
+                f"-> {output_dir}")
     if not work:
-        return
-    processor, ref_model, stop_ids = load_models(args, process, tokenizer)
+        return backend.stats
+    processor = make_processor(args, tokenizer, checkpoint=None if args.is_first_round else args.classifier_ckpt_path,
+                               device=device)  # before the reference: a bad checkpoint fails first
     with tqdm(total=len(work), desc="collect", unit="file", disable=not process.is_main) as progress:
 
-        def write(index, repeat, result):
-            write_result(output_dir, records, index, repeat, result)
+        def write(index: int, repeat: int, result: dict) -> None:
+            """``<output_dir>/<index>_r<repeat>.json``: the problem's record and its collected lists,
+            unless another run or shard wrote it first."""
+            path = output_dir / problem_file_name(index, repeat)
+            if not path.exists():
+                write_json(path, {**records[index], **result}, indent=None)
             progress.update(1)
 
-        collect_continuous(
-            ref_model, tokenizer, records, work, processor, write, seed=args.seed, batch_size=args.batch_size,
-            max_batch_tokens=args.max_batch_tokens, dataset_type=dataset_type, match_fn_type=args.match_fn_type,
-            use_chat_template=bool(args.use_chat_template), temperature=args.temperature, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-        )
-
-
-def collect_with_generate(args, process, records, dataset_type, tokenizer, mine, output_dir: Path) -> None:
-    """Every missing file of this rank, one ``generate()`` batch of ``--batch_size`` problems at a time."""
-    chunks = [mine[i : i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    work = [(r, chunk) for r in range(args.num_samples) for chunk in chunks
-            if not all((output_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    total = len(chunks) * args.num_samples
-    say_progress(process, args, mine, total - len(work), total, "batches", output_dir)
-    if not work:
-        return
-    processor, ref_model, stop_ids = load_models(args, process, tokenizer)
-    for repeat, chunk in tqdm(work, desc="collect", unit="batch", disable=not process.is_main):
-        set_seed(batch_seed(args.seed, repeat, chunk[0]))
-        batch_records = [records[i] for i in chunk]
-        with torch.no_grad():
-            results = collect_batch(
-                ref_model, tokenizer, batch_records, [reference_of(r, dataset_type) for r in batch_records], processor,
-                dataset_type=dataset_type, match_fn_type=args.match_fn_type, use_chat_template=bool(args.use_chat_template),
-                temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-            )
-        for index, result in zip(chunk, results):
-            write_result(output_dir, records, index, repeat, result)
-
-
-def write_result(output_dir: Path, records, index: int, repeat: int, result: dict) -> None:
-    """``<output_dir>/<index>_r<repeat>.json``: the problem's record and its collected lists,
-    unless another run or shard wrote it first."""
-    path = output_dir / problem_file_name(index, repeat)
-    if not path.exists():
-        write_json(path, {**records[index], **result}, indent=None)
+        collect(backend, tokenizer, records, work, processor, write, seed=args.seed, dataset_type=dataset_type,
+                match_fn_type=args.match_fn_type, use_chat_template=bool(args.use_chat_template),
+                max_new_tokens=args.max_new_tokens)
+    return backend.stats
 
 
 if __name__ == "__main__":

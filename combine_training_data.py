@@ -21,9 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.cli import ArgumentParser, run
-from utils.data import read_json, remove_stale_temporaries, write_jsonl
-from utils.problems import COLLECTED_FIELDS, check_collected, load_problems
-from utils.splits import load_split_map
+from utils.data.io import read_json, remove_stale_temporaries, write_jsonl
+from utils.data.problems import COLLECTED_FIELDS, check_collected, load_problems
+from utils.data.splits import load_split_map
 
 OUTPUT_NAME = "all_train_data.jsonl"
 FILE_PATTERN = re.compile(r"^(\d+)_r(\d+)\.json$")

@@ -40,10 +40,9 @@ import random
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from utils.answers import grade, majority_vote, pass_at_k
+from utils.data.answers import grade, majority_vote, pass_at_k
 from utils.cli import (
     MODEL_DEFAULTS,
     ArgumentParser,
@@ -62,14 +61,15 @@ from utils.cli import (
     seed_int,
     sweep_values,
 )
-from utils.data import read_json, remove_stale_temporaries, write_json, write_jsonl
+from utils.data.io import read_json, remove_stale_temporaries, write_json, write_jsonl
 from utils.distributed import Process, barrier, current_process, process_device, rank_share, shutdown
-from utils.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
-from utils.models import check_model_files, format_prompts, get_stop_ids, load_causal_lm, load_tokenizer
-from utils.problems import load_problems, reference_of, resolve_range
-from utils.rollout import make_processor, sample_batch, sample_continuous
-from utils.seeding import batch_seed, set_seed
-from utils.splits import load_split_map
+from utils.training.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
+from utils.models import check_model_files, format_prompts, load_tokenizer
+from utils.data.problems import load_problems, reference_of, resolve_range
+from utils.decoding.backends import make_backend
+from utils.decoding.requests import Backend
+from utils.decoding.rollout import make_processor, sample
+from utils.data.splits import load_split_map
 
 INHERITED = {
     **MODEL_DEFAULTS,
@@ -189,37 +189,29 @@ def aggregate(args, records, dataset_type, ids, sample_dir: Path, tag: str, outp
     return stats
 
 
-class Models:
-    """The reference model and the guidance of an evaluation, each loaded once, when first
-    needed (a rank or sweep point with nothing to sample loads nothing; eta 0 needs no
-    classifier). Sweep points share them: the guided processor only changes its eta."""
+class Guidance:
+    """The guidance of each sweep point, the classifier loaded once, when first needed (eta 0
+    needs none): sweep points share it, only its eta changes."""
 
     def __init__(self, args: argparse.Namespace, tokenizer, device):
-        self.args, self.tokenizer, self.device = args, tokenizer, device
-        self.ref_model, self.stop_ids, self._guided = None, None, None
+        self.args, self.tokenizer, self.device, self._guided = args, tokenizer, device, None
+        sampled = args.temperature > 0  # greedy decoding: KL at T 1, no top-p
+        self.kl = {"kl_temperature": args.temperature if sampled else 1.0, "kl_top_p": args.top_p if sampled else 1.0}
 
-    def processor(self, point: argparse.Namespace):
-        """The guidance of one sweep point (``point`` = the flags with its eta)."""
-        sampled = self.args.temperature > 0  # greedy decoding: KL at T 1, no top-p
-        kl = {"kl_temperature": self.args.temperature if sampled else 1.0, "kl_top_p": self.args.top_p if sampled else 1.0}
+    def __call__(self, point: argparse.Namespace):
+        """The processor of one sweep point (``point`` = the flags with its eta)."""
         if point.eta == 0 or point.inference_mode == "disabled":  # a no-op (as the original: eta 0 = disabled)
             return make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path, disabled=True,
-                                  device=self.device, **kl)
+                                  device=self.device, **self.kl)
         if self._guided is None:
             self._guided = make_processor(point, self.tokenizer, checkpoint=point.classifier_ckpt_path,
-                                          cd_baseline=bool(point.cd_baseline), device=self.device, **kl)
+                                          cd_baseline=bool(point.cd_baseline), device=self.device, **self.kl)
         self._guided.eta = float(point.eta)
         return self._guided
 
-    def reference(self):
-        """The reference model and its stop ids."""
-        if self.ref_model is None:
-            self.ref_model = load_causal_lm(self.args.ref_model_id, self.args.dtype, self.device)
-            self.stop_ids = get_stop_ids(self.ref_model, self.tokenizer)
-        return self.ref_model, self.stop_ids
 
-
-def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output_dir: Path, process: Process) -> None:
+def evaluate(point, backend: Backend, guidance: Guidance, records, dataset_type, all_ids, mine, output_dir: Path,
+             process: Process) -> None:
     """Sample this rank's share (``mine``) at one eta (``point``); then, once every rank is
     done, the main process writes the per-problem results and reward stats."""
     tag = eval_tag(point.eta, point.top_k, point.temperature, bool(point.cd_baseline))
@@ -232,33 +224,25 @@ def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output
         for problem_id in mine:
             for repeat in range(point.num_samples):
                 (sample_dir / problem_file_name(problem_id, repeat)).unlink(missing_ok=True)
+    work = backend.pending(mine, point.num_samples, lambda i, r: (sample_dir / problem_file_name(i, r)).exists())
+    process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
+                f"{len(mine) * point.num_samples} samples to run -> {sample_dir}")
+    if work:
+        processor = guidance(point)  # before the reference: a bad checkpoint fails first
+        with tqdm(total=len(work), desc=f"eval eta {point.eta}", unit="sample", disable=not process.is_main) as bar:
 
-    def write(problem_id, repeat, sample):
-        path = sample_dir / problem_file_name(problem_id, repeat)
-        if not path.exists():
-            record = records[problem_id]
-            correct = grade(sample["prediction"], reference_of(record, dataset_type), dataset_type, point.match_fn_type)
-            write_json(path, {**record, **sample, "correctness": correct, "eta": point.eta, "top_k": point.top_k,
-                              "temperature": point.temperature, "cd_baseline": point.cd_baseline}, indent=None)
+            def write(problem_id: int, repeat: int, fields: dict) -> None:
+                path = sample_dir / problem_file_name(problem_id, repeat)
+                if not path.exists():
+                    record = records[problem_id]
+                    correct = grade(fields["prediction"], reference_of(record, dataset_type), dataset_type,
+                                    point.match_fn_type)
+                    write_json(path, {**record, **fields, "correctness": correct, "eta": point.eta, "top_k": point.top_k,
+                                      "temperature": point.temperature, "cd_baseline": point.cd_baseline}, indent=None)
+                bar.update(1)
 
-    if point.engine == "continuous":
-        work = [(i, r) for r in range(point.num_samples) for i in mine
-                if not (sample_dir / problem_file_name(i, r)).exists()]
-        process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
-                    f"{len(mine) * point.num_samples} samples to run -> {sample_dir}")
-        if work:
-            processor = models.processor(point)  # before the reference: a bad checkpoint fails first
-            ref_model, stop_ids = models.reference()
-            with tqdm(total=len(work), desc=f"eval eta {point.eta}", unit="sample", disable=not process.is_main) as bar:
-                sample_continuous(
-                    ref_model, models.tokenizer, records, work, processor,
-                    lambda i, r, sample: (write(i, r, sample), bar.update(1)), seed=point.seed,
-                    batch_size=point.batch_size, max_batch_tokens=point.max_batch_tokens,
-                    use_chat_template=bool(point.use_chat_template), temperature=point.temperature, top_p=point.top_p,
-                    max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
-                )
-    else:
-        sample_with_generate(point, models, records, mine, sample_dir, process, write)
+            sample(backend, backend.tokenizer, records, work, processor, write, seed=point.seed,
+                   use_chat_template=bool(point.use_chat_template), max_new_tokens=point.max_new_tokens)
     barrier(process)  # every rank's samples are written
     if not process.is_main:
         return
@@ -272,29 +256,6 @@ def evaluate(point, models: Models, records, dataset_type, all_ids, mine, output
     print(f"eval [{tag}]: pass@1 {stats['single_sample_accuracy_mean']:.4f}, maj@{point.num_samples} "
           f"{stats['majority_vote_accuracy_mean']:.4f}, pass@{point.num_samples} {stats['pass_k_accuracy_mean']:.4f}, "
           f"KL {stats['kl_mean']:.4f} -> {output_dir / f'reward_stats_{tag}.json'}")
-
-
-def sample_with_generate(point, models: Models, records, mine, sample_dir: Path, process: Process, write) -> None:
-    """This rank's missing samples, one ``generate()`` batch of ``--batch_size`` problems at a time."""
-    chunks = [mine[i : i + point.batch_size] for i in range(0, len(mine), point.batch_size)]
-    work = [(r, chunk) for r in range(point.num_samples) for chunk in chunks
-            if not all((sample_dir / problem_file_name(i, r)).exists() for i in chunk)]
-    process.say(f"eval: {len(mine)} problems x {point.num_samples} samples, {len(work)} of "
-                f"{len(chunks) * point.num_samples} batches to run -> {sample_dir}")
-    if not work:
-        return
-    processor = models.processor(point)  # before the reference: a bad checkpoint fails first
-    ref_model, stop_ids = models.reference()
-    for repeat, chunk in tqdm(work, desc=f"eval eta {point.eta}", unit="batch", disable=not process.is_main):
-        set_seed(batch_seed(point.seed, repeat, chunk[0]))
-        with torch.no_grad():
-            samples = sample_batch(
-                ref_model, models.tokenizer, [records[i] for i in chunk], processor,
-                use_chat_template=bool(point.use_chat_template), temperature=point.temperature, top_p=point.top_p,
-                max_new_tokens=point.max_new_tokens, stop_ids=stop_ids,
-            )
-        for problem_id, sample in zip(chunk, samples):
-            write(problem_id, repeat, sample)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -313,11 +274,15 @@ def main(args: argparse.Namespace) -> None:
     shard = resolve_range(args.start_index, args.end_index, len(records))
     mine = rank_share([i for i in all_ids if i in shard], args.batch_size, process)  # all of them for one process
     output_dir = Path(args.output_dir or args.classifier_ckpt_path)
-    models = Models(args, tokenizer, process_device(process))
+    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
+    backend = make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
+                           batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                           max_batch_tokens=args.max_batch_tokens)  # the reference loads once, when first needed
+    guidance = Guidance(args, tokenizer, device)
     try:
         for eta in etas:
-            evaluate(argparse.Namespace(**{**vars(args), "eta": eta}), models, records, dataset_type, all_ids, mine,
-                     output_dir, process)
+            evaluate(argparse.Namespace(**{**vars(args), "eta": eta}), backend, guidance, records, dataset_type, all_ids,
+                     mine, output_dir, process)
     finally:
         shutdown()
 

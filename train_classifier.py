@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from utils.answers import MATCH_FNS
+from utils.data.answers import MATCH_FNS
 from utils.classifier import INIT_MODES, ClassifierSpec, QSharpClassifier
 from utils.cli import (
     ARGS_FILE,
@@ -66,14 +66,14 @@ from utils.cli import (
     unit_interval,
     unit_interval_open,
 )
-from utils.data import read_json, remove_stale_temporaries, write_json
+from utils.data.io import read_json, remove_stale_temporaries, write_json
 from utils.distributed import accelerator_cpu, current_process, set_loader_epoch
-from utils.guidance import resolve_guidance_mode
-from utils.metrics import eval_metrics
+from utils.decoding.guidance import resolve_guidance_mode
+from utils.training.metrics import eval_metrics
 from utils.models import check_classifier_vocab, load_tokenizer, loading
 from utils.seeding import set_seed
-from utils.splits import load_split_map
-from utils.train_state import (
+from utils.data.splits import load_split_map
+from utils.training.state import (
     OPTIMIZER_FILE,
     RNG_FILE,
     SCHEDULER_FILE,
@@ -89,15 +89,15 @@ from utils.train_state import (
     set_states,
     wandb_run_id,
 )
-from utils.training import (
+from utils.training.examples import (
     TokenBudgetBatchSampler,
     build_examples,
     collate,
     merge_rounds,
     predict_dataset,
-    reward_targets,
     split_examples,
 )
+from utils.training.targets import reward_targets
 
 OLD_SCHEDULER_FILE = "scheduler.pt"  # what this project wrote before
 # what the original's resume reads (no original code writes it): {"optimizer": ..., "scheduler": ...}

@@ -51,11 +51,11 @@ from transformers import TopPLogitsWarper  # noqa: E402
 
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
-from utils import guidance, rollout  # noqa: E402
-from utils.engine import ContinuousEngine  # noqa: E402
-from utils.guidance import QSharpLogitsProcessor  # noqa: E402
-from dataset.synthetic import write_synthetic_dataset  # noqa: E402
-from utils.tiny_models import write_tiny_models  # noqa: E402
+from utils.decoding import guidance, rollout  # noqa: E402
+from utils.decoding.engine import ContinuousEngine  # noqa: E402
+from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
+from utils.demo.synthetic import write_synthetic_dataset  # noqa: E402
+from utils.demo.tiny_models import write_tiny_models  # noqa: E402
 
 
 class GenerateMeter:

@@ -8,7 +8,7 @@ import time
 import torch
 
 from utils.models import check_classifier_vocab, load_causal_lm, load_tokenizer, tokenize_prompts
-from utils.tiny_models import build_model, build_tokenizer
+from utils.demo.tiny_models import build_model, build_tokenizer
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import PROMPTS, add_run_flags, add_size_flags, build_pair, elapsed, set_threads  # noqa: E402
-from tests.naive import two_pass_sample_batch  # noqa: E402
+from bench.two_pass import two_pass_sample_batch  # noqa: E402
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
-from utils.guidance import QSharpLogitsProcessor  # noqa: E402
+from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
-from utils.rollout import sample_batch  # noqa: E402
+from utils.decoding.rollout import sample_batch  # noqa: E402
 from utils.seeding import batch_seed, set_seed  # noqa: E402
 
 

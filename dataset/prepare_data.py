@@ -24,20 +24,18 @@ input checks out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as ``python dataset/prepare_data.py``
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils.data import atomic_open, read_jsonl  # noqa: E402
+from utils.data.io import atomic_open, dumps_jsonl, read_jsonl  # noqa: E402
 from utils.registry import choose  # noqa: E402
-from utils.splits import build_split_map, dumps_split_map, load_split_map  # noqa: E402
-
-PROMPT = "Problem:\n\n{problem} Write your answer inside \\boxed{{}}.\n\nSolution:"
+from utils.data.problems import gsm8k_record, math_record  # noqa: E402
+from utils.data.splits import build_split_map, dumps_split_map, load_split_map  # noqa: E402
 
 DATASETS = ("gsm8k", "math")
 PARTS = ("train", "test")
@@ -58,73 +56,6 @@ MATH_TRAIN_HUB_CONFIGS = (
     "prealgebra",
     "precalculus",
 )
-GSM8K_ANSWER_MARK = "\n#### "
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _field(row: Any, key: str) -> Any:
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if key not in row:
-        raise ValueError(f"missing field {key!r}")
-    return row[key]
-
-
-def _text(row: Any, key: str) -> str:
-    value = _field(row, key)
-    if not isinstance(value, str):
-        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def gsm8k_record(row: dict) -> dict:
-    """``{question, answer}`` -> ``{problem, solution, answer, prompt}``.
-
-    solution = the answer text before the final "\\n#### "; answer = the text after it,
-    commas removed (``"1,450,000"`` -> ``"1450000"``).
-    """
-    question = _text(row, "question")
-    raw_answer = _text(row, "answer")
-    if GSM8K_ANSWER_MARK not in raw_answer:
-        raise ValueError(f"answer has no final {GSM8K_ANSWER_MARK!r} line")
-    solution, _, final = raw_answer.rpartition(GSM8K_ANSWER_MARK)
-    return {
-        "problem": question,
-        "solution": solution,
-        "answer": final.replace(",", ""),
-        "prompt": PROMPT.format(problem=question),
-    }
-
-
-def parse_level(level: Any) -> int | None:
-    """MATH difficulty: an int stays, ``"Level N"`` -> N, ``"Level ?"`` -> None."""
-    if isinstance(level, int) and not isinstance(level, bool):
-        return level
-    if isinstance(level, str) and level.startswith("Level "):
-        rest = level[len("Level ") :]
-        if rest == "?":
-            return None
-        if rest.isdigit():
-            return int(rest)
-    raise ValueError(f"unrecognised level {level!r} (expected an int or 'Level N' / 'Level ?')")
-
-
-def math_record(row: dict) -> dict:
-    """MATH500 ``{problem, solution, subject, level:int, ...}`` or MATH train
-    ``{problem, solution, type, level:"Level N"}`` -> ``{problem, solution, category, difficulty, prompt}``."""
-    problem = _text(row, "problem")
-    category = _text(row, "subject" if isinstance(row, dict) and "subject" in row else "type")
-    return {
-        "problem": problem,
-        "solution": _text(row, "solution"),
-        "category": category,
-        "difficulty": parse_level(_field(row, "level")),
-        "prompt": PROMPT.format(problem=problem),
-    }
-
-
 CONVERTERS: dict[str, Callable[[dict], dict]] = {"gsm8k": gsm8k_record, "math": math_record}
 
 
@@ -200,11 +131,6 @@ def align_to_split_map(records: list[dict], split_map: dict, name: str) -> list[
             f"({len(missing)} problems missing from the map, {len(extra)} keys not among the problems; {example})"
         )
     return [by_problem[key] for key in split_map]
-
-
-def dumps_jsonl(records: list[dict]) -> str:
-    """``json.dumps`` per record (default settings), joined with "\\n", no trailing newline."""
-    return "\n".join(json.dumps(record) for record in records)
 
 
 def _count_splits(split_map: dict) -> str:

@@ -47,8 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataset.prepare_data import gsm8k_record  # noqa: E402
-from utils.answers import equivalence_partition, is_equiv, process_sample, reference_answer  # noqa: E402
+from utils.data.problems import gsm8k_record  # noqa: E402
+from utils.data.answers import equivalence_partition, is_equiv, process_sample, reference_answer  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MATH500 = SHARED / "datasets" / "reference" / "math500_test.jsonl"
@@ -131,7 +131,7 @@ def old_majority_vote(predictions: list[str], gold: str, match_fn) -> bool:
 def fixture_report(old_match) -> dict:
     """Agreement of new and old with the original's values in accuracy.json."""
     fixture = json.loads(GOLDEN.read_text(encoding="utf-8"))
-    from utils.answers import majority_vote
+    from utils.data.answers import majority_vote
 
     new_ok = old_ok = total = 0
     maj_new = maj_old = maj_total = part_ok = 0

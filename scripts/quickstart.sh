@@ -37,7 +37,7 @@ else
   MODELS="$OUT/models"
   step "pretraining the reference and the classifier LM"
   # shellcheck disable=SC2086  # QS_PRETRAIN_ARGS: extra flags, e.g. smaller budgets for tests
-  python -m utils.pretrain --data_dir "$DATA" --out_dir "$MODELS" --seed "$SEED" ${QS_PRETRAIN_ARGS:-}
+  python -m utils.demo.pretrain --data_dir "$DATA" --out_dir "$MODELS" --seed "$SEED" ${QS_PRETRAIN_ARGS:-}
 fi
 
 MODEL_FLAGS=(--ref_model_id "$MODELS/ref" --classifier_model_id "$MODELS/classifier" --classifier_type V

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.cli import ArgumentParser, nonneg_int, run  # noqa: E402
-from utils.data import read_json, write_json  # noqa: E402
+from utils.data.io import read_json, write_json  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

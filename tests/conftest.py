@@ -13,9 +13,7 @@ torch.set_num_threads(2)
 
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.models import load_causal_lm, load_tokenizer  # noqa: E402
-from utils.tiny_models import write_tiny_models  # noqa: E402
-
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+from utils.demo.tiny_models import write_tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -41,14 +41,14 @@ import collect_training_data
 import combine_training_data
 import eval_ckpt
 import train_classifier
-from dataset.synthetic import write_synthetic_dataset
-from tests.fake_collected import train_flags, write_fake_collected
-from tests.processes import run_tree
-from tests.stages import in_workdir
-from tests.test_ckpt_steps import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
+from utils.demo.synthetic import write_synthetic_dataset
+from tests.helpers.fake_collected import train_flags, write_fake_collected
+from tests.helpers.processes import run_tree
+from tests.helpers.stages import in_workdir
+from tests.helpers.checkpoints import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
 from utils.cli import run
 from utils.distributed import Process, rank_share, set_loader_epoch
-from utils.tiny_models import write_tiny_models
+from utils.demo.tiny_models import write_tiny_models
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
 

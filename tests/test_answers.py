@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.answers import (
+from utils.data.answers import (
     DATASET_TYPES,
     MATCH_FNS,
     equivalence_partition,
@@ -446,7 +446,7 @@ def test_symbolic_never_raises_on_garbage(garbage):
 
 
 def test_math_verify_timeouts_only_in_main_thread(monkeypatch):
-    import utils.answers as answers
+    import utils.data.answers as answers
 
     seen: list[tuple[str, object]] = []
 

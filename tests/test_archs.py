@@ -23,13 +23,13 @@ import collect_training_data
 import combine_training_data
 import eval_ckpt
 import train_classifier
-from dataset.synthetic import write_synthetic_dataset
-from tests.conftest import ARCHS
+from utils.demo.synthetic import write_synthetic_dataset
+from tests.helpers.models import ARCHS
 from utils.classifier import QSharpClassifier
 from utils.cli import eval_tag, run
 from utils.models import format_prompts, load_tokenizer
-from utils.problems import COLLECTED_FIELDS
-from utils.tiny_models import SIZES, build_model, build_tokenizer
+from utils.data.problems import COLLECTED_FIELDS
+from utils.demo.tiny_models import SIZES, build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS, GUIDED_PROBLEMS = 6, 2, 16, 3

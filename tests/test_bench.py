@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from bench import guidance_overhead
 from bench.common import classifier_step_costs, guidance_floors, matmul_params, weight_bytes
-from tests.stages import stage
+from tests.helpers.stages import stage
 from utils.classifier import ClassifierSpec, QSharpClassifier
 
 TINY = ["--ref_hidden", "32", "--ref_layers", "2", "--classifier_hidden", "32", "--classifier_layers", "1"]
@@ -19,7 +19,7 @@ ONE_THREAD = ["--threads", "1"]  # no timing is checked; one thread is fastest o
 
 
 def run_json(script: str, *args: str) -> list[dict]:
-    """``python bench/<script> --json <args>`` (in this process: :func:`tests.stages.stage`); the JSON lines."""
+    """``python bench/<script> --json <args>`` (in this process: :func:`tests.helpers.stages.stage`); the JSON lines."""
     out = stage(Path.cwd(), f"bench/{script}", "--json", *args)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 

@@ -7,31 +7,31 @@ optimizer steps after every ``accumulation``-th batch; the original steps one ba
 ((b + 1) % accumulation == 0), a departure that leaves every checkpoint name as it is.
 
 The worked example of the original's notes (world_size 2, accumulation 2, 10 batches,
-ckpt_freq 2) is hard-coded here, and compared with the golden ``ckpt_steps.json`` when
-``../shared/golden`` is there. The 2-process run of that example is in test_accelerate.py.
+ckpt_freq 2) is hard-coded in ``tests/helpers/checkpoints.py``, and compared with the golden
+``ckpt_steps.json`` when ``../shared/golden`` is there. The 2-process run of that example is
+in test_accelerate.py.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 import train_classifier
-from tests.fake_collected import train_flags, write_fake_collected
-from tests.golden import GOLDEN
+from tests.helpers.checkpoints import (
+    EXAMPLE_NAMES,
+    EXAMPLE_STEPS_DONE,
+    ORIGINAL_STEPS_DONE,
+    checkpoint_names,
+    optimizer_states_steps,
+)
+from tests.helpers.fake_collected import train_flags, write_fake_collected
+from tests.helpers.golden import GOLDEN
 from utils.classifier import QSharpClassifier
 from utils.cli import run
 
 TRAIN_METRICS = {"Training Loss", "Learning Rate", "Steps per Min", "Gradient Norm"}
-
-# The worked example: checkpoint names after batches 1..10 (the original's) and the optimizer
-# steps done by then, here (one after batches 2, 4, ...) and in the original (after 1, 3, ...).
-EXAMPLE_NAMES = ["ckpt_2", "ckpt_4", "ckpt_6", "ckpt_8", "ckpt_10", "ckpt_12", "ckpt_14", "ckpt_16", "ckpt_18", "ckpt_20"]
-EXAMPLE_STEPS_DONE = [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
-ORIGINAL_STEPS_DONE = [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
 def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batches: int) -> list[dict]:
@@ -47,18 +47,6 @@ def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batche
         timeline.append({"batch": batch, "global_step": global_step, "optimizer_step": stepped,
                          "optimizer_steps_done": done, "checkpoint": f"ckpt_{global_step}" if saved else None})
     return timeline
-
-
-def optimizer_states_steps(checkpoint: Path) -> int:
-    """Optimizer steps done at ``checkpoint`` (AdamW's step count in its ``optimizer.pt``)."""
-    state = torch.load(checkpoint / train_classifier.OPTIMIZER_FILE, map_location="cpu", weights_only=False)["state"]
-    counts = {int(s["step"]) for s in state.values()}
-    assert len(counts) <= 1, counts
-    return counts.pop() if counts else 0
-
-
-def checkpoint_names(folder: Path) -> list[str]:
-    return sorted((p.name for p in folder.glob("ckpt_*")), key=lambda name: int(name.split("_")[1]))
 
 
 def test_worked_example_timeline():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils.data import atomic_open, read_json, read_jsonl, write_json, write_jsonl
+from utils.data.io import atomic_open, read_json, read_jsonl, write_json, write_jsonl
 from utils.seeding import repeat_seed
 
 

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from tests.stages import REPO, SHARED, check_collected, check_eval, check_original_globs, read_jsonl, stage
-from utils.problems import COLLECTED_FIELDS
-from utils.splits import build_split_map, write_split_map
-from utils.tiny_models import write_tiny_models
+from tests.helpers.stages import REPO, SHARED, check_collected, check_eval, check_original_globs, read_jsonl, stage
+from utils.data.problems import COLLECTED_FIELDS
+from utils.data.splits import build_split_map, write_split_map
+from utils.demo.tiny_models import write_tiny_models
 
 NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS, NUM_TEST = 12, 3, 24, 6
 COMMON = ["--max_new_tokens", str(MAX_NEW_TOKENS), "--dtype", "float32"]

@@ -7,10 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
-from tests.test_guidance import NucleusCount, expected_guided
+from tests.helpers.naive import expected_guided
+from tests.helpers.probes import NucleusCount
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.engine import ContinuousEngine, Request, left_pad
-from utils.guidance import QSharpLogitsProcessor, generate_responses
+from utils.decoding.engine import ContinuousEngine, Request, left_pad
+from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses
 from utils.models import get_stop_ids
 
 BUDGET = 20

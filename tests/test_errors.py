@@ -26,11 +26,11 @@ import collect_training_data
 import combine_training_data
 import eval_ckpt
 import train_classifier
-from dataset.synthetic import write_synthetic_dataset
+from utils.demo.synthetic import write_synthetic_dataset
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.cli import ArgumentParser, int01, run
 from utils.models import load_tokenizer
-from utils.tiny_models import build_model, build_tokenizer
+from utils.demo.tiny_models import build_model, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import random
 import numpy as np
 import pytest
 
-from tests.golden import load_fixtures
-from utils.answers import (
+from tests.helpers.golden import load_fixtures
+from utils.data.answers import (
     equivalence_partition,
     grade,
     is_equiv,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.golden import GOLDEN, fixture_spec, load_fixtures
+from tests.helpers.golden import GOLDEN, fixture_spec, load_fixtures
 from utils.classifier import QSharpClassifier
-from utils.guidance import QSharpLogitsProcessor, kl_divergence, top_p_filter
+from utils.decoding.guidance import QSharpLogitsProcessor, kl_divergence, top_p_filter
 
 GUIDED, KL = load_fixtures("guided_logits", "kl")
 

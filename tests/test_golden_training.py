@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.golden import GOLDEN, fixture_spec, load_fixtures
+from tests.helpers.golden import GOLDEN, fixture_spec, load_fixtures
 from utils.classifier import ClassifierSpec, QSharpClassifier, atom_index, expected_reward, per_position_loss, reduce_loss
-from utils.training import reward_targets
+from utils.training.targets import reward_targets
 
 LOSSES, TARGETS, HEAD_INIT = load_fixtures("losses", "targets", "head_init")
 ATOL = 1e-5  # README section 3

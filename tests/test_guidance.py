@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, MistralConfig, PretrainedConfig, Qwen2Config
 
-from tests.conftest import ARCHS
-from tests.naive import closed_form_offsets, naive_candidate_logits
+from tests.helpers.models import ARCHS
+from tests.helpers.naive import closed_form_offsets, expected_guided
+from tests.helpers.probes import NucleusCount, Recorder
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.guidance import QSharpLogitsProcessor, generate_responses, resolve_guidance_mode
+from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses, resolve_guidance_mode
 from utils.models import attention_window, get_stop_ids, tokenize_prompts
 
 PROMPTS = [
@@ -17,29 +18,6 @@ PROMPTS = [
     "Problem: Natalia sold 48 clips in April and half as many in May. How many altogether?",
     "Problem: x = 6, y = 4, compute x + y.",
 ]
-
-
-class Recorder(LogitsProcessor):
-    """Wraps a processor and keeps (input_ids, scores in, scores out) of every step."""
-
-    def __init__(self, inner):
-        self.inner, self.steps = inner, []
-
-    def __call__(self, input_ids, scores):
-        out = self.inner(input_ids, scores)
-        self.steps.append((input_ids.clone(), scores.clone(), out.clone()))
-        return out
-
-
-def expected_guided(classifier, input_ids, mask, scores, mode, eta, top_k):
-    """Reference guided logits: top-k of the raw scores + closed-form offset of naive values."""
-    vocab = min(scores.shape[1], classifier.vocab_size)
-    k = vocab if top_k == -1 else top_k
-    candidates = scores[:, :vocab].topk(k, dim=-1).indices
-    logits = naive_candidate_logits(classifier, input_ids, mask, candidates)
-    atoms = classifier.spec.atoms() if classifier.spec.loss_type == "mle" else None
-    offsets = closed_form_offsets(logits, mode, eta, atoms)
-    return scores.double().scatter_add(1, candidates, offsets).float(), candidates
 
 
 # (inference_mode, loss_type, cd_baseline) -> closed form name
@@ -110,7 +88,7 @@ def test_expectation_ignores_eta_as_the_original(tokenizer, make_classifier):
     evaluation's eta 0 is ``disabled`` (``make_processor(..., disabled=True)``)."""
     from argparse import Namespace
 
-    from utils.rollout import make_processor
+    from utils.decoding.rollout import make_processor
 
     classifier = make_classifier("V", "bce")
     batch = tokenize_prompts(tokenizer, PROMPTS, use_chat_template=True)
@@ -410,8 +388,8 @@ def test_all_rows_finished_runs_no_classifier(tokenizer, make_classifier):
 def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, classifier_type, top_k):
     """KL(guided || reference) accumulated while decoding equals the original's two-pass value
     (every step's guided logits kept, then a second reference forward over prompt + response)."""
-    from tests.naive import two_pass_sample_batch
-    from utils.rollout import sample_batch
+    from bench.two_pass import two_pass_sample_batch
+    from utils.decoding.rollout import sample_batch
 
     classifier = make_classifier(classifier_type, "bce")
     records = [{"prompt": p} for p in PROMPTS]
@@ -438,37 +416,10 @@ def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, cla
         assert 0 <= sample["traj_kl_before_top_p"] < sample["traj_kl"]  # top-p adds -log(nucleus mass) per token
 
 
-class NucleusCount:
-    """Counts nucleus computations: calls of ``utils.guidance.top_p_filter`` and calls of
-    transformers' ``TopPLogitsWarper`` made outside it (generate's or the engine's own)."""
-
-    def __init__(self, monkeypatch):
-        from transformers import TopPLogitsWarper
-
-        from utils import guidance
-
-        self.filter_calls, self.warper_calls, self.inside = 0, 0, False
-        top_p_filter, warper_call = guidance.top_p_filter, TopPLogitsWarper.__call__
-
-        def counted_filter(*args):
-            self.filter_calls, self.inside = self.filter_calls + 1, True
-            try:
-                return top_p_filter(*args)
-            finally:
-                self.inside = False
-
-        def counted_warper(warper, *args):
-            self.warper_calls += not self.inside
-            return warper_call(warper, *args)
-
-        monkeypatch.setattr(guidance, "top_p_filter", counted_filter)
-        monkeypatch.setattr(TopPLogitsWarper, "__call__", counted_warper)
-
-
 def test_generate_computes_one_nucleus_per_step_for_kl_and_sample(monkeypatch, tokenizer, ref_model, make_classifier):
     """With KL recorded, the sample and the KL share one top-p filter per step: generate runs no
     warper of its own."""
-    from utils.rollout import sample_batch
+    from utils.decoding.rollout import sample_batch
 
     count = NucleusCount(monkeypatch)
     processor = QSharpLogitsProcessor(make_classifier("V", "bce"), 4.0, 8, pad_token_id=tokenizer.pad_token_id,
@@ -490,7 +441,7 @@ def test_top_p_filter_equals_transformers_warper_bit_for_bit():
     rows with -inf, every top_p: the same filtered set and values as ``TopPLogitsWarper``."""
     from transformers import TopPLogitsWarper
 
-    from utils.guidance import top_p_filter
+    from utils.decoding.guidance import top_p_filter
 
     g = torch.Generator().manual_seed(0)
     rows = {

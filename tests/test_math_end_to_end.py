@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from tests.stages import SHARED, check_collected, check_eval, read_jsonl, stage
-from utils.answers import grade, reference_answer
-from utils.problems import COLLECTED_FIELDS, reference_of
-from utils.tiny_models import write_tiny_models
+from tests.helpers.stages import SHARED, check_collected, check_eval, read_jsonl, stage
+from utils.data.answers import grade, reference_answer
+from utils.data.problems import COLLECTED_FIELDS, reference_of
+from utils.demo.tiny_models import write_tiny_models
 
 NUM_PROBLEMS, NUM_SAMPLES, MAX_NEW_TOKENS, NUM_TEST = 8, 2, 8, 3
 TAG = "eta_10.0_top_k_20_temp_0.8"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (
+from utils.training.metrics import (
     PROBLEM_MEAN,
     SAMPLE_MEAN,
     binary_accuracy,
@@ -428,7 +428,7 @@ def test_eval_aggregate_writes_intervals(tmp_path):
     (problem means for pass@1, maj@k, pass@k; all samples for KL), seeded with --seed."""
     import eval_ckpt
     from utils.cli import problem_file_name
-    from utils.data import read_json, read_jsonl, write_json
+    from utils.data.io import read_json, read_jsonl, write_json
 
     rng = np.random.default_rng(0)
     num_problems, num_samples = 12, 4

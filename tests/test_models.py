@@ -18,7 +18,7 @@ from utils.models import (
     response_lengths,
     tokenize_prompts,
 )
-from utils.tiny_models import END, build_tokenizer
+from utils.demo.tiny_models import END, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from dataset import prepare_data
-from dataset.prepare_data import PROMPT, gsm8k_record, load_hub, math_record, parse_level, prepare_dataset
-from utils.splits import build_split_map, load_split_map, write_split_map
+from utils.data.problems import PROMPT
+from dataset.prepare_data import load_hub, prepare_dataset
+from utils.data.problems import gsm8k_record, math_record, parse_level
+from utils.data.splits import build_split_map, load_split_map, write_split_map
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -1,4 +1,4 @@
-"""tests/processes.py: a stalled command fails with its processes' stacks and leaves none behind."""
+"""tests/helpers/processes.py: a stalled command fails with its processes' stacks and leaves none behind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import Stalled, run_tree
+from tests.helpers.processes import Stalled, run_tree
 
 HANG = "import time\ndef hang_in_the_child():\n    time.sleep(600)\nhang_in_the_child()\n"
 PARENT = (f"import subprocess, sys, time\nchild = subprocess.Popen([sys.executable, '-c', {HANG!r}])\n"

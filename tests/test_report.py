@@ -1,4 +1,4 @@
-"""``python -m utils.report``: the table of reward_stats files, results.csv, the pass@1-vs-KL PNG, and bad input."""
+"""``python -m utils.demo.report``: the table of reward_stats files, results.csv, the pass@1-vs-KL PNG, and bad input."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from utils import report
+from utils.demo import report
 from utils.cli import eval_tag, run
-from utils.data import write_json
+from utils.data.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -61,7 +61,7 @@ def tree(tmp_path, monkeypatch):
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``main`` as ``python -m utils.report`` does; returns (exit code, stdout, stderr)."""
+    """Run ``main`` as ``python -m utils.demo.report`` does; returns (exit code, stdout, stderr)."""
     try:
         run(report.main, report.parse_args(argv))
         code = 0
@@ -201,14 +201,14 @@ def test_command_line(tree):
     """The real command: table on stdout, exit 0; a bad path: one error line, exit 2."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("QSHARP_DEBUG", None)
-    ok = subprocess.run([sys.executable, "-m", "utils.report", "exp", "--out_dir", "out"],
+    ok = subprocess.run([sys.executable, "-m", "utils.demo.report", "exp", "--out_dir", "out"],
                         check=False, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("| run ") and (tree / "out" / "pass1_vs_kl.png").is_file()
-    bad = subprocess.run([sys.executable, "-m", "utils.report", "missing"],
+    bad = subprocess.run([sys.executable, "-m", "utils.demo.report", "missing"],
                          check=False, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: missing does not exist"]
-    usage = subprocess.run([sys.executable, "-m", "utils.report"],
+    usage = subprocess.run([sys.executable, "-m", "utils.demo.report"],
                            check=False, cwd=tree, env=env, capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
     assert usage.stderr.startswith("error: ")

@@ -22,8 +22,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,19 +30,16 @@ import pytest
 import torch
 
 import train_classifier
-from dataset.synthetic import write_synthetic_dataset
-from tests.fake_collected import train_flags, write_fake_collected
+from utils.demo.synthetic import write_synthetic_dataset
+from tests.helpers.fake_collected import train_flags, write_fake_collected
+from tests.helpers.scripts import TIMEOUT, command, finish, start
 from utils.cli import run
-from utils.data import TMP_SUFFIX, temporary_prefix
-from utils.tiny_models import write_tiny_models
+from utils.data.io import TMP_SUFFIX, temporary_prefix
+from utils.demo.tiny_models import write_tiny_models
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_TEST, NUM_SAMPLES = 8, 6, 2
 SAMPLING = ["--use_chat_template", "0", "--dtype", "float32", "--max_new_tokens", "16", "--temperature", "0.8",
             "--top_p", "0.9", "--num_samples", str(NUM_SAMPLES), "--batch_size", "2"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
-TIMEOUT = 300
 # Besides the results, a run may keep this record of its settings in each result folder
 # (checked by a resume); it must then be the same as in the uninterrupted run.
 BOOKKEEPING = ".run_settings.json"
@@ -74,27 +69,6 @@ def workdir(tmp_path_factory):
     }
     (root / "exp" / "args.json").write_text(json.dumps(args, indent=2))
     return root
-
-
-def command(script: str, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / script), *args]
-
-
-def start(workdir: Path, cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start ``cmd`` in the background (stdout and stderr into ``log``)."""
-    with open(log, "wb") as handle:
-        return subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=handle, stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen, log: Path) -> None:
-    """Wait for ``proc``; it must succeed."""
-    try:
-        proc.wait(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, f"{Path(proc.args[1]).name} failed:\n{log.read_text()[-3000:]}"
 
 
 def run_to_end(workdir: Path, cmd: list[str], log: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from utils.models import get_stop_ids
-from utils.rollout import collect_batch
+from utils.decoding.rollout import collect_batch
 
 PROMPTS = ["Problem:\n\nWhat is 2 + 3?\n\nSolution:", "Problem:\n\nA longer one, 17 + 25 * 3?\n\nSolution:"]
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.stages import REPO
+from tests.helpers.stages import REPO
 
 
 def stats(ci: bool) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset.prepare_data import PROMPT
-from dataset.synthetic import (
+from utils.data.problems import PROMPT
+from utils.demo.synthetic import (
     TEMPLATES,
     first_equation,
     generate_problems,
@@ -20,9 +20,9 @@ from dataset.synthetic import (
     took_wrong_branch,
     write_synthetic_dataset,
 )
-from utils.answers import extract_boxed, grade
+from utils.data.answers import extract_boxed, grade
 from utils.models import get_stop_ids, load_causal_lm, load_tokenizer, tokenize_prompts
-from utils.pretrain import (
+from utils.demo.pretrain import (
     encode_examples,
     make_batch,
     measure_pass_at_1,
@@ -31,8 +31,8 @@ from utils.pretrain import (
     train_lm,
     wsd_lr,
 )
-from utils.splits import build_split_map, load_split_map
-from utils.tiny_models import END
+from utils.data.splits import build_split_map, load_split_map
+from utils.demo.tiny_models import END
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"problem", "solution", "answer", "prompt"}
@@ -216,7 +216,7 @@ def test_pretraining_is_deterministic_and_trains(models_dir, data_dir, tmp_path)
         assert all(torch.equal(a[k], b[k]) for k in a), name
         assert (models_dir / name / "tokenizer.json").read_bytes() == (tmp_path / name / "tokenizer.json").read_bytes()
     # the weights moved away from the seeded initialisation
-    from utils.tiny_models import build_model
+    from utils.demo.tiny_models import build_model
 
     init = build_model("llama", load_tokenizer(str(tmp_path / "ref")), 32, 2, 2, seed=1).state_dict()
     trained = load_causal_lm(str(tmp_path / "ref"), dtype="float32", device="cpu").state_dict()

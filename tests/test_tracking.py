@@ -20,11 +20,12 @@ import pytest
 
 import collect_training_data
 import combine_training_data
-from dataset.synthetic import write_synthetic_dataset
+from tests.helpers.tracking import inspect, wandb_env
+from utils.demo.synthetic import write_synthetic_dataset
 from utils.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
-# Names of the original code (see DESIGN.md); users compare runs by them.
+# Names of the original code (listed in the README's Tracking section); users compare runs by them.
 TRAIN_METRICS = ("Training Loss", "Learning Rate", "Steps per Min", "Gradient Norm")
 EVAL_METRICS = ("Eval Loss", "Eval Explained Variance", "Eval R^2", "Eval Prediction Min", "Eval Prediction Max",
                 "Eval Prediction Mean", "Eval Accuracy", "Eval ROC-AUC")
@@ -57,17 +58,6 @@ def data(tmp_path_factory, tiny_dir):
     return d
 
 
-def wandb_env(root: Path, pythonpath: str) -> dict:
-    """Offline, silent wandb writing under ``root/wandb_dir``; no key, no user config, no server."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    wandb_dir = root / "wandb_dir"
-    env.update(PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline",
-               WANDB_SILENT="true", WANDB_DIR=str(wandb_dir), WANDB_CONFIG_DIR=str(wandb_dir / "config"),
-               WANDB_CACHE_DIR=str(wandb_dir / "cache"), WANDB_DATA_DIR=str(wandb_dir / "data"),
-               WANDB_BASE_URL="http://127.0.0.1:9")  # a closed port: any upload attempt would fail
-    return env
-
-
 def train(d, root: Path, env: dict, *extra: str) -> str:
     """Run train_classifier.py (2 steps of 16 sequences, eval every step); return its stdout."""
     argv = ["--ref_model_id", d["ref"], "--classifier_model_id", d["cls"], "--original_problems_path", d["train"],
@@ -77,14 +67,6 @@ def train(d, root: Path, env: dict, *extra: str) -> str:
             "--output_dir", str(root / "checkpoints"), *extra]
     result = subprocess.run([sys.executable, str(REPO / "train_classifier.py"), *argv], cwd=root, env=env,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def inspect(run_dir: Path, env: dict, *flags: str) -> str:
-    """``wandb leet inspect --json [flags] run_dir`` (wandb's reader of the transaction log)."""
-    result = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(run_dir)],
-                            env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -33,9 +33,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.fake_collected import write_fake_collected
-from tests.processes import Stalled, run_tree
-from utils.tiny_models import write_tiny_models
+from tests.helpers.fake_collected import write_fake_collected
+from tests.helpers.processes import Stalled, run_tree
+from utils.demo.tiny_models import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -73,14 +73,14 @@ if _spec:
         return _replace(src, dst, *args, **kwargs)
 
     torch.optim.AdamW.step, torch.save, os.replace = step, save, replace
-    import utils.metrics
-    _metrics = utils.metrics.eval_metrics
+    import utils.training.metrics
+    _metrics = utils.training.metrics.eval_metrics
 
     def eval_metrics(*args, **kwargs):
         _tick("eval")
         return _metrics(*args, **kwargs)
 
-    utils.metrics.eval_metrics = eval_metrics
+    utils.training.metrics.eval_metrics = eval_metrics
 '''
 
 
@@ -287,7 +287,7 @@ def test_wandb_run_is_resumed_from_the_checkpoint_step(work, reference):
     """--track 1: the resumed process continues the killed one's wandb run (same id, offline)
     and logs only the steps after its checkpoint, so nothing before it appears twice; the two
     offline files together hold every step of the uninterrupted series."""
-    from tests.test_tracking import inspect, wandb_env
+    from tests.helpers.tracking import inspect, wandb_env
 
     (work["root"] / "wandb").mkdir()
     env = wandb_env(work["root"] / "wandb", os.pathsep.join([str(work["root"] / "hook"), str(REPO)]))

@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from utils.classifier import ClassifierSpec
-from utils.problems import COLLECTED_FIELDS, resolve_range
-from utils.training import (
-    TokenBudgetBatchSampler,
-    build_examples,
-    collate,
-    merge_rounds,
-    reward_targets,
-    split_examples,
-)
+from utils.data.problems import COLLECTED_FIELDS, resolve_range
+from utils.training.examples import TokenBudgetBatchSampler, build_examples, collate, merge_rounds, split_examples
+from utils.training.targets import reward_targets
 
 PROMPT = [1, 5, 6, 7]  # prompt ids
 

@@ -27,9 +27,9 @@ import collect_training_data
 import combine_training_data
 import eval_ckpt
 import train_classifier
-from dataset.synthetic import write_synthetic_dataset
-from tests.fake_collected import train_flags, write_fake_collected
-from tests.test_resume import command, finish, start
+from utils.demo.synthetic import write_synthetic_dataset
+from tests.helpers.fake_collected import train_flags, write_fake_collected
+from tests.helpers.scripts import command, finish, start
 from utils.cli import ARGS_FILE, SETTINGS_FILE, eval_tag, run
 
 NO_SPACE = "No space left on device"

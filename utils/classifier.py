@@ -36,7 +36,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from utils.data import temporary_prefix
+from utils.data.io import temporary_prefix
 from utils.models import get_dtype, loading
 from utils.registry import choose
 

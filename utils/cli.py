@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from utils.data import read_json, write_json
+from utils.data.io import read_json, write_json
 
 ARGS_FILE = "args.json"
 
@@ -249,11 +249,11 @@ def add_inherited_flags(
     """Declare the flags of ``defaults`` (a subset of ``INHERITABLE_FLAGS``) with ``None`` as
     parse default, so that ``inherit`` can tell a given flag from a missing one. Flags named
     in ``several`` take one or more values (a list; see :func:`sweep_values`)."""
-    from utils.answers import MATCH_FNS
+    from utils.data.answers import MATCH_FNS
     from utils.classifier import CLASSIFIER_TYPES, LOSS_TYPES
-    from utils.guidance import INFERENCE_MODES
+    from utils.decoding.guidance import INFERENCE_MODES
     from utils.models import DTYPES
-    from utils.problems import DATASET_TYPES
+    from utils.data.problems import DATASET_TYPES
 
     choices = {
         "classifier_type": CLASSIFIER_TYPES, "inference_mode": INFERENCE_MODES, "loss_type": LOSS_TYPES,
@@ -328,7 +328,7 @@ def check_run_settings(folder: str | os.PathLike, settings: dict[str, Any]) -> N
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """``--engine`` and ``--max_batch_tokens`` of collection and evaluation."""
-    from utils.rollout import ENGINES
+    from utils.decoding.backends import ENGINES
 
     parser.add_argument("--engine", type=str, default="continuous", choices=ENGINES,
                         help="continuous: keep --batch_size live rows, refilled as rows end, each request sampled from "

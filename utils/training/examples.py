@@ -1,4 +1,4 @@
-"""Training data of the classifier: rounds merged by problem, examples, targets, batches, evaluation."""
+"""Training examples of the classifier: rounds merged by problem, examples, batches, evaluation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from utils.classifier import ClassifierSpec, per_position_loss
-from utils.data import read_jsonl
-from utils.problems import COLLECTED_FIELDS, check_collected
+from utils.data.io import read_jsonl
+from utils.data.problems import COLLECTED_FIELDS, check_collected
 
 
 def merge_rounds(paths: list[str | os.PathLike]) -> list[dict]:
@@ -30,40 +30,6 @@ def merge_rounds(paths: list[str | os.PathLike]) -> list[dict]:
                 for field in COLLECTED_FIELDS:
                     merged[record["problem"]][field].extend(record[field])
     return list(merged.values())
-
-
-def reward_targets(
-    correctness: np.ndarray,
-    inference_mode: str,
-    eta: float,
-    shift_reward: float,
-    scale_reward: float,
-    spec: ClassifierSpec,
-    cd_baseline: bool = False,
-) -> np.ndarray:
-    """Regression targets from 0/1 correctness, as the original computes them.
-
-    The reward is ``R = correctness - shift_reward`` (the shift is subtracted); the target
-    is ``exp(eta * R)`` with ``--inference_mode expectation`` and ``--cd_baseline 0``, else R
-    itself (also expectation with cd_baseline). ``scale_reward`` is accepted and ignored,
-    as in the original, which parses ``--scale_reward`` but never uses it. bce/mse targets
-    must lie in [0, 1] and mle targets in [V_min, V_max] (the original asserts [0, 1]);
-    anything else is a configuration error (ValueError).
-    """
-    del scale_reward  # unused, as in the original
-    reward = correctness.astype(np.float64) - shift_reward
-    exponentiate = inference_mode == "expectation" and not cd_baseline
-    target = np.exp(eta * reward) if exponentiate else reward
-    low, high = (spec.V_min, spec.V_max) if spec.loss_type == "mle" else (0.0, 1.0)
-    if target.size and (target.min() < low - 1e-9 or target.max() > high + 1e-9):
-        what = "exp(eta * R)" if exponentiate else "R"
-        raise ValueError(
-            f"targets {what} span [{target.min():g}, {target.max():g}], outside [{low:g}, {high:g}] required by "
-            f"--loss_type {spec.loss_type} (R = correctness - {shift_reward:g}, eta {eta:g}, inference_mode "
-            f"{inference_mode}, cd_baseline {int(bool(cd_baseline))}); the recipes: expectation with --shift_reward 1 (targets exp(-eta) and 1), "
-            "bernoulli or expectation with --cd_baseline 1 with --shift_reward 0"
-        )
-    return target
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Tabulate every evaluation's ``reward_stats_*.json`` and plot pass@1 against KL.
 
-    python -m utils.report checkpoints/llama_3_8b_instruct_gsm8k/ [checkpoints/other/ckpt_100/ ...] --out_dir report
+    python -m utils.demo.report checkpoints/llama_3_8b_instruct_gsm8k/ [checkpoints/other/ckpt_100/ ...] --out_dir report
 
 Each argument is a checkpoint folder, an experiment folder holding several ``ckpt_*/``, or a
 stats file itself; ``reward_stats_*.json`` files are searched recursively under each folder.
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from utils.cli import ArgumentParser, run
-from utils.data import atomic_open, read_json
+from utils.data.io import atomic_open, read_json
 
 STATS_GLOB = "reward_stats_*.json"
 CSV_NAME = "results.csv"

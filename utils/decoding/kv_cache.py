@@ -65,3 +65,52 @@ def leading_masked(valid: torch.Tensor) -> int:
     """How many leading columns of ``valid`` [batch, seq] (bool) no row attends to."""
     used = valid.any(dim=0)  # [seq]
     return int(used.int().argmax()) if bool(used.any()) else valid.shape[1]
+
+
+class RowCache:
+    """The KV cache of left-padded rows that come and go, with the bookkeeping every decode step
+    needs: ``mask`` [rows, seen] (1 = a token the row attends to, 0 = padding) and ``next_pos``
+    [rows, 1], the position id of each row's next token. The reference model's rows in the
+    continuous engine and the classifier's rows in the Q# processor are both kept here.
+    """
+
+    def __init__(self, cache: DynamicCache | None = None, mask: torch.Tensor | None = None):
+        """Rows just prefilled: ``cache`` of their left-padded prompts and its ``mask`` [rows, n]."""
+        self.cache, self.mask = cache, None if mask is None else mask.long()
+        self.next_pos = None if mask is None else self.mask.sum(-1, keepdim=True)  # [rows, 1]
+
+    def __len__(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def extend(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count one new token per row: the mask [rows, seen + 1] that reads it and its
+        position ids [rows, 1] (the next positions move on by one)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        position, self.next_pos = self.next_pos, self.next_pos + 1
+        return self.mask, position
+
+    def join(self, other: RowCache) -> None:
+        """Append the rows of ``other`` after these, the shorter side left-padded (masked)."""
+        if not len(self):
+            self.cache, self.mask, self.next_pos = other.cache, other.mask, other.next_pos
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([left_pad_seq(self.mask, width, dim=1), left_pad_seq(other.mask, width, dim=1)])
+        self.cache = merge(self.cache, other.cache)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+
+    def select(self, keep: torch.Tensor, trim: bool = True) -> None:
+        """Keep only rows ``keep`` [n]; with ``trim``, drop the leading columns no kept row attends to."""
+        if keep.numel() == 0:
+            self.cache = self.mask = self.next_pos = None
+            return
+        self.cache, self.mask, self.next_pos = select(self.cache, keep), self.mask[keep], self.next_pos[keep]
+        start = leading_masked(self.mask.bool()) if trim else 0
+        if start:
+            self.cache, self.mask = trim_left(self.cache, start), self.mask[:, start:]
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive attention mask [rows, 1, 1, seen]: 0 where attended, the
+        lowest ``dtype`` value at padding."""
+        zeros = torch.zeros(self.mask.shape[0], 1, 1, self.mask.shape[1], dtype=dtype, device=self.mask.device)
+        return zeros.masked_fill_(self.mask[:, None, None, :] == 0, torch.finfo(dtype).min)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden"
 SPEC_FIELDS = ("classifier_type", "loss_type", "use_bias", "num_atoms", "V_min", "V_max")
 
 

@@ -1,15 +1,82 @@
-"""Problem files: loading, validation, reference answers, dataset type."""
+"""Problem records: the prompt template, conversion of GSM8K/MATH rows, loading, validation, reference answers, dataset type."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from utils.data import read_jsonl
+from utils.data.io import read_jsonl
 from utils.registry import choose
 
+# the prompt every stage feeds the model (the original's template)
+PROMPT = "Problem:\n\n{problem} Write your answer inside \\boxed{{}}.\n\nSolution:"
 DATASET_TYPES = ("gsm8k", "math")
 # field holding the reference each dataset type is graded against
 REFERENCE_FIELD = {"gsm8k": "answer", "math": "solution"}
+
+
+GSM8K_ANSWER_MARK = "\n#### "
+
+
+def _field(row: Any, key: str) -> Any:
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if key not in row:
+        raise ValueError(f"missing field {key!r}")
+    return row[key]
+
+
+def _text(row: Any, key: str) -> str:
+    value = _field(row, key)
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def gsm8k_record(row: dict) -> dict:
+    """``{question, answer}`` -> ``{problem, solution, answer, prompt}``.
+
+    solution = the answer text before the final "\\n#### "; answer = the text after it,
+    commas removed (``"1,450,000"`` -> ``"1450000"``).
+    """
+    question = _text(row, "question")
+    raw_answer = _text(row, "answer")
+    if GSM8K_ANSWER_MARK not in raw_answer:
+        raise ValueError(f"answer has no final {GSM8K_ANSWER_MARK!r} line")
+    solution, _, final = raw_answer.rpartition(GSM8K_ANSWER_MARK)
+    return {
+        "problem": question,
+        "solution": solution,
+        "answer": final.replace(",", ""),
+        "prompt": PROMPT.format(problem=question),
+    }
+
+
+def parse_level(level: Any) -> int | None:
+    """MATH difficulty: an int stays, ``"Level N"`` -> N, ``"Level ?"`` -> None."""
+    if isinstance(level, int) and not isinstance(level, bool):
+        return level
+    if isinstance(level, str) and level.startswith("Level "):
+        rest = level[len("Level ") :]
+        if rest == "?":
+            return None
+        if rest.isdigit():
+            return int(rest)
+    raise ValueError(f"unrecognised level {level!r} (expected an int or 'Level N' / 'Level ?')")
+
+
+def math_record(row: dict) -> dict:
+    """MATH500 ``{problem, solution, subject, level:int, ...}`` or MATH train
+    ``{problem, solution, type, level:"Level N"}`` -> ``{problem, solution, category, difficulty, prompt}``."""
+    problem = _text(row, "problem")
+    category = _text(row, "subject" if isinstance(row, dict) and "subject" in row else "type")
+    return {
+        "problem": problem,
+        "solution": _text(row, "solution"),
+        "category": category,
+        "difficulty": parse_level(_field(row, "level")),
+        "prompt": PROMPT.format(problem=problem),
+    }
 
 
 def infer_dataset_type(records: list[dict]) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import atomic_open
+from utils.data.io import atomic_open
 
 SPLITS = ("train", "eval")
 

@@ -1,7 +1,7 @@
 """Pretrain a tiny reference LM on synthetic word problems, on CPU, and cut the classifier LM from it.
 
-    python -m utils.pretrain --data_dir DIR --out_dir MODELS [--seed 0]
-    python -m utils.pretrain --data_dir DIR --out_dir MODELS --measure 200 [--skip_train 1]
+    python -m utils.demo.pretrain --data_dir DIR --out_dir MODELS [--seed 0]
+    python -m utils.demo.pretrain --data_dir DIR --out_dir MODELS --measure 200 [--skip_train 1]
 
 writes ``MODELS/ref`` and ``MODELS/classifier`` like ``utils.tiny_models`` does (model,
 tokenizer, generation config whose EOS ids are ``</s>`` and ``<|end|>``), both Llama models
@@ -43,13 +43,13 @@ from typing import Callable, Iterable
 import torch
 from transformers import AutoModelForCausalLM
 
-from dataset.synthetic import FILES, generate_problems, pretraining_records, took_wrong_branch
-from utils.answers import grade
+from utils.demo.synthetic import FILES, generate_problems, pretraining_records, took_wrong_branch
+from utils.data.answers import grade
 from utils.cli import ArgumentParser, int01, nonneg_int, positive_float, positive_int, run, seed_int, unit_interval
-from utils.data import read_jsonl
-from utils.guidance import generate_responses
+from utils.data.io import read_jsonl
+from utils.decoding.generate import generate_responses
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer, tokenize_prompts
-from utils.tiny_models import END, build_model, build_tokenizer, first_layers_state
+from utils.demo.tiny_models import END, build_model, build_tokenizer, first_layers_state
 
 DEFAULTS = {"hidden": 128, "layers": 4, "heads": 4, "lr": 3e-3, "max_steps": 1800}
 # The stopping rule: every ``check_every`` steps from ``min_steps`` on, sample ``samples``

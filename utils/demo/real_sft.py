@@ -51,7 +51,7 @@ class Source:
 
 def sft_examples(raw_path: Path) -> list[tuple[str, str]]:
     """(prompt, response) pairs from a raw GSM8K file (``question``/``answer`` lines)."""
-    from dataset.prepare_data import gsm8k_record
+    from utils.data.problems import gsm8k_record
 
     pairs = []
     for line in raw_path.read_text().splitlines():
@@ -65,7 +65,7 @@ def sft_examples(raw_path: Path) -> list[tuple[str, str]]:
 
 def gsm8k_examples(count: int, seed: int, data: Path | None) -> list[tuple[str, str]]:
     """GSM8K train pairs, shuffled with ``seed``, cycled to ``count``."""
-    from utils.real_models import RealModelError
+    from utils.demo.model_files import RealModelError
 
     if data is None or not data.is_file():
         raise RealModelError(f"--sft_data {data} does not exist (GSM8K train, raw question/answer lines)")
@@ -76,7 +76,7 @@ def gsm8k_examples(count: int, seed: int, data: Path | None) -> list[tuple[str, 
 
 def synthetic_examples(count: int, seed: int, data: Path | None = None) -> list[tuple[str, str]]:
     """``count`` fresh synthetic problems, a share ``WRONG_RATE`` of them solved into the trap."""
-    from dataset.synthetic import generate_splits, pretraining_records
+    from utils.demo.synthetic import generate_splits, pretraining_records
 
     splits = generate_splits(**EXCLUDED_SPLITS)
     exclude = [record["problem"] for part in splits.values() for record in part]
@@ -94,7 +94,7 @@ SOURCES = {
 
 def get_source(name: str) -> Source:
     """The registered source ``name``; fails with the list of valid names."""
-    from utils.real_models import RealModelError
+    from utils.demo.model_files import RealModelError
 
     if name not in SOURCES:
         raise RealModelError(f"unknown --sft_source {name!r}; valid: {', '.join(SOURCES)}")
@@ -120,8 +120,8 @@ def build_sft_reference(ref_dir: Path, source: str, out_dir: Path, data: Path | 
     from transformers import AutoModelForCausalLM
 
     from utils.models import load_tokenizer
-    from utils.pretrain import make_batch
-    from utils.real_models import RealModelError, is_complete, publish
+    from utils.demo.pretrain import make_batch
+    from utils.demo.model_files import RealModelError, is_complete, publish
 
     spec = get_source(source)
     steps = spec.steps if steps is None else steps

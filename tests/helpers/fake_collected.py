@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from utils.data import write_json, write_jsonl
-from utils.problems import COLLECTED_FIELDS
+from utils.data.io import write_json, write_jsonl
+from utils.data.problems import COLLECTED_FIELDS
 
 VOCAB = range(3, 300)  # the tiny tokenizer has 400 ids; 0-2 are special
 

@@ -126,3 +126,8 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
     with atomic_open(path) as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
+
+
+def dumps_jsonl(records: list[dict]) -> str:
+    """``json.dumps`` per record (default settings), joined with "\\n", no trailing newline."""
+    return "\n".join(json.dumps(record) for record in records)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.data import read_json, temporary_prefix
+from utils.data.io import read_json, temporary_prefix
 
 # the original's names (its utils.py save_model); what --resume_opt_scheduler 1 reads
 OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "lr_scheduler.pt"
@@ -168,7 +168,7 @@ def wandb_run_id(output_dir: Path, is_main: bool) -> str:
 
     run_id = uuid.uuid4().hex[:12]
     if is_main:
-        from utils.data import atomic_open
+        from utils.data.io import atomic_open
 
         with atomic_open(path) as handle:
             handle.write(run_id)

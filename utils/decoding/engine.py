@@ -3,7 +3,7 @@
 Each step is one forward of the reference over the live rows with their KV cache (plus a
 prefill of the requests that join this step), then the logits processors in ``generate()``'s
 order: the Q# processor on the guided rows, then temperature and top-p
-(``utils.guidance.sampling_logits``, bit for bit transformers' warpers), then sampling. The
+(``utils.decoding.kl.sampling_logits``, bit for bit transformers' warpers), then sampling. The
 KL of the guided rows is taken on those same sampling logits: one nucleus per step. A row
 that emits a stop id or reaches its budget leaves at once, with its cache rows; a queued
 request takes its place by prefill, its cache merged into the running one with left padding.
@@ -11,45 +11,29 @@ Position ids come from the attention mask, as ``generate()`` computes them, so g
 decoding (``temperature == 0``) reproduces ``generate()`` token for token.
 
 Every request samples from its own stream: at join it draws ``max_new_tokens`` uniforms
-from a generator seeded with ``Request.seed`` and samples step ``t`` by the inverse CDF at
+from a generator seeded with ``Request.seed`` (from its ``stream``) and samples step ``t`` by the inverse CDF at
 the ``t``-th of them. Its tokens therefore do not depend on its batch mates, the batch
 size, the process or a restart. Unlike ``generate()``, the model's generation config is not
 read: the sampling is exactly temperature, top-p and the given processor.
+
+The reference's cache, mask and positions of the live rows are a
+:class:`utils.decoding.kv_cache.RowCache`; at each step the processor is told which of its
+rows stayed and which joined (``update_rows``), then guides them (``guide_rows``).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from transformers import DynamicCache
 
 from utils.classifier import position_ids_from_mask
-from utils.guidance import sampling_logits
-from utils.kv_cache import leading_masked, left_pad_seq, merge, select, trim_left
-
-
-@dataclass
-class Request:
-    """One sequence to decode: ``prompt`` ids (unpadded), its budget and seed.
-
-    ``guided`` rows go through the processor (and get their KL recorded when it records KL);
-    ``tag`` is the caller's. The engine fills ``tokens`` (up to and including the stop id) and,
-    with KL recording, ``token_kl`` / ``token_kl_before_top_p`` (one value per token).
-    """
-
-    prompt: list[int]
-    max_new_tokens: int
-    seed: int
-    guided: bool = False
-    tag: object = None
-    kind: str = "sample"
-    tokens: list[int] = field(default_factory=list)
-    token_kl: list[float] = field(default_factory=list)
-    token_kl_before_top_p: list[float] = field(default_factory=list)
+from utils.decoding.kl import sampling_logits
+from utils.decoding.kv_cache import RowCache
+from utils.decoding.requests import Backend, OnFinish, Request
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -93,27 +77,28 @@ class ContinuousEngine:
 
     # ---- the loop
     @torch.no_grad()
-    def run(self, requests: Iterable[Request], on_finish: Callable[[Request], list[Request] | None]) -> None:
+    def run(self, requests: Iterable[Request], on_finish: OnFinish) -> None:
         """Decode every request; ``on_finish(request)`` is called as each one ends and may return
         follow-up requests, which go to the front of the queue."""
         device = self.model.device
         queue = deque(requests)
         live: list[Request] = []
-        cache = mask = next_pos = last = uniforms = None  # [rows, ...] state of the live rows
-        guided_live = self.processor is not None and not self.processor.is_noop
-        if guided_live:
+        rows = RowCache()  # the reference's cache of the live rows
+        last = uniforms = None  # [live, 1] last tokens, [live, budget] each row's uniforms
+        guiding = self.processor is not None and not self.processor.is_noop
+        if guiding:
             self.processor.reset(stop_ids=sorted(self.stop_ids))
+        kept_guided = None  # [n] the processor's rows that stayed since the last step (None: all)
         while queue or live:
             joiners = self._admit(queue, len(live), on_finish)
             if not live and not joiners:
                 continue
-            n_old = len(live)
             logits = []
-            if n_old:
-                mask = torch.cat([mask, mask.new_ones(n_old, 1)], dim=1)  # [old, seen + 1]
-                out = self.model(input_ids=last, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+            if live:
+                mask, position = rows.extend()
+                out = self.model(input_ids=last, attention_mask=mask, position_ids=position, past_key_values=rows.cache,
                                  use_cache=True, **self.forward_kwargs)
-                cache, next_pos = out.past_key_values, next_pos + 1
+                rows.cache = out.past_key_values
                 logits.append(out.logits[:, -1].float())
             if joiners:
                 batch = left_pad([r.prompt for r in joiners], self.pad_token_id, device)
@@ -121,49 +106,43 @@ class ContinuousEngine:
                                  position_ids=position_ids_from_mask(batch["attention_mask"]),
                                  past_key_values=DynamicCache(), use_cache=True, **self.forward_kwargs)
                 logits.append(out.logits[:, -1].float())
-                width = max(batch["attention_mask"].shape[1], 0 if mask is None else mask.shape[1])
-                join_mask = left_pad_seq(batch["attention_mask"], width, dim=1)
-                mask = join_mask if mask is None else torch.cat([left_pad_seq(mask, width, dim=1), join_mask])
-                cache = merge(cache, out.past_key_values)
-                join_pos = batch["attention_mask"].sum(-1, keepdim=True)  # [joining, 1]
-                next_pos = join_pos if next_pos is None else torch.cat([next_pos, join_pos])
+                rows.join(RowCache(out.past_key_values, batch["attention_mask"]))
                 own = [self._uniforms(r) for r in joiners]
                 budget = max(d.shape[0] for d in own)
                 draws = torch.stack([widen(d[None], budget)[0] for d in own]).to(device)  # [joining, budget]
                 uniforms = draws if uniforms is None else torch.cat([widen(uniforms, draws.shape[1]),
                                                                      widen(draws, uniforms.shape[1])])
-                live = live + joiners
+            n_old, live = len(live), live + joiners
             scores = logits[0] if len(logits) == 1 else torch.cat(logits)  # [live, vocab] float32
-            rows = [i for i, r in enumerate(live) if r.guided] if self.processor is not None else []
-            processed = self._process(scores, live, rows, n_old, last, joiners)
+            guided = [i for i, r in enumerate(live) if r.guided] if self.processor is not None else []
+            if guiding:
+                joining = [r.prompt for r in joiners if r.guided]
+                self.processor.update_rows(kept_guided, left_pad(joining, self.pad_token_id, device) if joining else None)
+            processed = self._process(scores, guided, n_old, last) if guiding and guided else scores
             warped = self._warp(processed)  # [live, vocab]
-            if rows and self.processor.records_kl:
-                self._record_kl(scores, processed, warped, live, rows)
+            if guided and self.processor.records_kl:
+                self._record_kl(scores, processed, warped, live, guided)
             tokens = self._sample(warped, live, uniforms)  # [live]
             self.stats["steps"] += 1
             self.stats["slot_steps"] += self.batch_size
             done = []
-            for row, (request, token) in enumerate(zip(live, tokens.tolist())):
+            for request, token in zip(live, tokens.tolist()):
                 request.tokens.append(token)
                 self.stats["tokens"][request.kind] = self.stats["tokens"].get(request.kind, 0) + 1
                 done.append(token in self.stop_ids or len(request.tokens) >= request.max_new_tokens)
             last = tokens[:, None]
+            kept_guided = None
             if any(done):
                 keep = torch.tensor([i for i, d in enumerate(done) if not d], dtype=torch.long, device=device)
-                if guided_live:
-                    guided_rows = [i for i, r in enumerate(live) if r.guided]
-                    self.processor.select_rows(torch.tensor(
-                        [j for j, i in enumerate(guided_rows) if not done[i]], dtype=torch.long, device=device))
+                kept_guided = torch.tensor([j for j, i in enumerate(guided) if not done[i]], dtype=torch.long,
+                                           device=device)
                 finished = [r for r, d in zip(live, done) if d]
                 live = [r for r, d in zip(live, done) if not d]
+                rows.select(keep)
                 if live:
-                    cache, mask, next_pos = select(cache, keep), mask[keep], next_pos[keep]
                     last, uniforms = last[keep], uniforms[keep]
-                    start = leading_masked(mask.bool())
-                    if start:
-                        cache, mask = trim_left(cache, start), mask[:, start:]
                 else:
-                    cache = mask = next_pos = last = uniforms = None
+                    last = uniforms = None
                 for request in finished:
                     queue.extendleft(reversed(on_finish(request) or []))
 
@@ -189,18 +168,13 @@ class ContinuousEngine:
         generator = torch.Generator().manual_seed(request.seed)
         return torch.rand(request.max_new_tokens, generator=generator, dtype=torch.float64)
 
-    def _process(self, scores, live, rows, n_old, last, joiners) -> torch.Tensor:
-        """The logits [live, vocab] with guidance on the guided ``rows`` (indices into ``live``)."""
-        processor = self.processor
-        if not rows or processor.is_noop:  # no rows without a processor
-            return scores
-        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-        old = [i for i in rows if i < n_old]
+    def _process(self, scores, guided: list[int], n_old: int, last) -> torch.Tensor:
+        """The logits [live, vocab] with guidance on the ``guided`` rows (indices into the live rows)."""
+        index = torch.tensor(guided, dtype=torch.long, device=scores.device)
+        old = [i for i in guided if i < n_old]
         new_ids = last[torch.tensor(old, dtype=torch.long, device=scores.device)] if old else None
-        join_prompts = [r.prompt for r in joiners if r.guided]
-        join = left_pad(join_prompts, self.pad_token_id, scores.device) if join_prompts else None
         processed = scores.clone()
-        processed[index] = processor.guide_rows(scores[index], new_ids, join)
+        processed[index] = self.processor.guide_rows(scores[index], new_ids)
         return processed
 
     def _warp(self, processed: torch.Tensor) -> torch.Tensor:
@@ -208,11 +182,11 @@ class ContinuousEngine:
         themselves at temperature 0 (greedy)."""
         return sampling_logits(processed, self.temperature, self.top_p) if self.temperature > 0 else processed
 
-    def _record_kl(self, scores, processed, warped, live, rows) -> None:
-        """The guided ``rows``' KL of this step, on their sampling logits, appended to their requests."""
-        index = torch.tensor(rows, dtype=torch.long, device=scores.device)
-        kl, plain = self.processor.step_kl(processed[index], scores[index], warped[index])
-        for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
+    def _record_kl(self, scores, processed, warped, live, guided: list[int]) -> None:
+        """The guided rows' KL of this step, on their sampling logits, appended to their requests."""
+        index = torch.tensor(guided, dtype=torch.long, device=scores.device)
+        kl, plain = self.processor.kl.step(processed[index], scores[index], warped[index])
+        for row, a, b in zip(guided, kl.tolist(), plain.tolist()):
             live[row].token_kl.append(a)
             live[row].token_kl_before_top_p.append(b)
 
@@ -233,3 +207,20 @@ def widen(draws: torch.Tensor, width: int) -> torch.Tensor:
     a row stops at its own budget)."""
     missing = width - draws.shape[1]
     return draws if missing <= 0 else torch.cat([draws, draws.new_zeros(draws.shape[0], missing)], dim=1)
+
+
+class ContinuousBackend(Backend):
+    """``--engine continuous``: :class:`ContinuousEngine` with ``batch_size`` live rows, every
+    request sampled from its own stream (a file does not depend on its batch mates, the
+    shard, the process count or a restart)."""
+
+    name = "continuous"
+
+    def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
+        engine = ContinuousEngine(self.model, self.stop_ids, self.tokenizer.pad_token_id, self.batch_size,
+                                  temperature=self.temperature, top_p=self.top_p, processor=processor,
+                                  max_batch_tokens=self.max_batch_tokens)
+        engine.run(requests, on_finish)
+        for kind, count in engine.stats["tokens"].items():
+            self._count(kind, count, 0)
+        self._count("all", 0, engine.stats["slot_steps"])

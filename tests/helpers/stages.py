@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from utils.cli import run
-from utils.problems import COLLECTED_FIELDS
+from utils.data.problems import COLLECTED_FIELDS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "datasets"
 RESULT_NAME = re.compile(r"\d+_r\d+\.json")
 

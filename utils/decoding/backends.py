@@ -1,0 +1,17 @@
+"""The decoding backends by ``--engine`` name: each implements ``utils.decoding.requests.Backend``."""
+
+from __future__ import annotations
+
+from utils.decoding.engine import ContinuousBackend
+from utils.decoding.generate import GenerateBackend
+from utils.decoding.requests import Backend
+from utils.registry import choose
+
+BACKENDS: dict[str, type[Backend]] = {"continuous": ContinuousBackend, "generate": GenerateBackend}
+ENGINES = tuple(BACKENDS)  # --engine
+
+
+def make_backend(name: str, model_id: str, tokenizer, **settings) -> Backend:
+    """The backend ``name`` for the reference ``model_id`` (loaded when it first runs); ``settings``:
+    ``dtype``, ``device``, ``batch_size``, ``temperature``, ``top_p``, ``max_batch_tokens``."""
+    return choose("--engine", name, BACKENDS)(model_id, tokenizer, **settings)
