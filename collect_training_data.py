@@ -56,7 +56,7 @@ from utils.cli import (
 )
 from utils.data.io import remove_stale_temporaries, write_json
 from utils.distributed import current_process, process_device, rank_share
-from utils.decoding.backends import make_backend
+from utils.decoding.backends import backend_for
 from utils.decoding.guidance import is_noop_guidance, resolve_guidance_mode
 from utils.decoding.rollout import collect, make_processor
 from utils.models import check_model_files, load_tokenizer
@@ -139,9 +139,7 @@ def main(args: argparse.Namespace) -> dict:
 
     tokenizer = load_tokenizer(args.ref_model_id)
     device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
-    backend = make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
-                           batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                           max_batch_tokens=args.max_batch_tokens)
+    backend = backend_for(args, tokenizer, device)
     work = backend.pending(mine, args.num_samples, lambda i, r: (output_dir / problem_file_name(i, r)).exists())
     total = len(mine) * args.num_samples
     span = f"problems {mine[0]}..{mine[-1]}" if mine else "no problems (fewer batches than processes)"

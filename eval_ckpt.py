@@ -66,7 +66,7 @@ from utils.distributed import Process, barrier, current_process, process_device,
 from utils.training.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
 from utils.models import check_model_files, format_prompts, load_tokenizer
 from utils.data.problems import load_problems, reference_of, resolve_range
-from utils.decoding.backends import make_backend
+from utils.decoding.backends import backend_for
 from utils.decoding.requests import Backend
 from utils.decoding.rollout import make_processor, sample
 from utils.data.splits import load_split_map
@@ -275,9 +275,7 @@ def main(args: argparse.Namespace) -> None:
     mine = rank_share([i for i in all_ids if i in shard], args.batch_size, process)  # all of them for one process
     output_dir = Path(args.output_dir or args.classifier_ckpt_path)
     device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
-    backend = make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
-                           batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                           max_batch_tokens=args.max_batch_tokens)  # the reference loads once, when first needed
+    backend = backend_for(args, tokenizer, device)  # the reference loads once, when first needed
     guidance = Guidance(args, tokenizer, device)
     try:
         for eta in etas:

@@ -27,7 +27,7 @@ the roll-ins and roll-outs of the timed runs (stop ids included, padding after t
 over those runs' whole wall time. ``--profile 1`` adds ``profile``: the
 shares of the decode loop's time spent in the reference's decode forwards and prefills, the
 Q# processor (its classifier included), the top-p filter (transformers' ``TopPLogitsWarper``
-in ``generate``, ``utils.guidance.top_p_filter`` in the engine) and the rest.
+in ``generate``, ``utils.decoding.kl.top_p_filter`` in the engine) and the rest.
 ``--json`` prints ``{"problems_per_min", "samples_per_min", "tokens_per_s",
 "generate_share", "row_steps_kept", ...}``.
 """
@@ -51,75 +51,32 @@ from transformers import TopPLogitsWarper  # noqa: E402
 
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
-from utils.decoding import guidance, rollout  # noqa: E402
-from utils.decoding.engine import ContinuousEngine  # noqa: E402
+from utils.decoding import kl, requests  # noqa: E402
 from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.demo.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.demo.tiny_models import write_tiny_models  # noqa: E402
 
 
-class GenerateMeter:
-    """Wraps ``utils.rollout.generate_responses``: time inside it, and how many of the row-steps
-    it runs are tokens kept (the rest are rows that already finished, padded along)."""
-
-    def __init__(self):
-        self.seconds, self.calls = 0.0, 0
-        self.row_steps = {"roll_in": 0, "roll_out": 0}
-        self.kept = {"roll_in": 0, "roll_out": 0}
-        self.inner = rollout.generate_responses
-
-    def install(self):
-        rollout.generate_responses = self
-
-    def uninstall(self):
-        rollout.generate_responses = self.inner
-
-    def row_steps_kept(self) -> dict:
-        kept = {kind: round(self.kept[kind] / max(self.row_steps[kind], 1), 3) for kind in self.kept}
-        return {**kept, "all": round(sum(self.kept.values()) / max(sum(self.row_steps.values()), 1), 3)}
-
-    def __call__(self, model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs):
-        start = time.perf_counter()
-        ids, lengths = self.inner(model, batch, stop_ids, pad_token_id, max_new_tokens, *args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        kind = "roll_in" if kwargs.get("processor", args[2] if len(args) > 2 else None) is not None else "roll_out"
-        self.row_steps[kind] += ids.shape[0] * ids.shape[1]
-        self.kept[kind] += int(lengths.clamp(max=ids.shape[1]).sum())
-        return ids, lengths
+def row_steps_kept(stats: dict) -> dict:
+    """The share of the row-steps a backend ran that produced kept tokens, per request kind where
+    the backend counts row-steps per kind (``generate``), and over ``all``."""
+    tokens, steps = stats["tokens"], stats["row_steps"]
+    kept = {kind: round(tokens.get(kind, 0) / max(count, 1), 3) for kind, count in steps.items() if kind != "all"}
+    return {**kept, "all": round(sum(tokens.values()) / max(sum(steps.values()), 1), 3)}
 
 
-class EngineMeter:
-    """Wraps ``ContinuousEngine.run``: time inside it, the tokens it decoded and the step slots
-    (``batch_size`` per step) it ran; a slot without a live row is a wasted row-step."""
-
-    def __init__(self):
-        self.seconds, self.slot_steps = 0.0, 0
-        self.kept = {"roll_in": 0, "roll_out": 0}
-        self.inner = ContinuousEngine.run
-
-    def __call__(self, engine, requests, on_finish):
-        start = time.perf_counter()
-        self.inner(engine, requests, on_finish)
-        self.seconds += time.perf_counter() - start
-        self.slot_steps += engine.stats["slot_steps"]
-        for kind, count in engine.stats["tokens"].items():
-            self.kept[kind] = self.kept.get(kind, 0) + count
-
-    def install(self):
-        meter = self
-        ContinuousEngine.run = lambda engine, requests, on_finish: meter(engine, requests, on_finish)
-
-    def uninstall(self):
-        ContinuousEngine.run = self.inner
-
-    def row_steps_kept(self) -> dict:
-        return {"all": round(sum(self.kept.values()) / max(self.slot_steps, 1), 3)}
+def add_stats(total: dict, stats: dict) -> None:
+    """Add one run's backend ``stats`` to ``total``."""
+    total["seconds"] = total.get("seconds", 0.0) + stats["seconds"]
+    for key in ("tokens", "row_steps"):
+        for kind, count in stats[key].items():
+            total.setdefault(key, {})[kind] = total.get(key, {}).get(kind, 0) + count
 
 
 class Profile:
     """Seconds inside the reference's forwards (decode steps and prefills apart), the Q#
     processor (the classifier's forward included) and the top-p filter (its sort of the
-    vocabulary: transformers' ``TopPLogitsWarper``, or ``utils.guidance.top_p_filter``, which
+    vocabulary: transformers' ``TopPLogitsWarper``, or ``utils.decoding.kl.top_p_filter``, which
     calls the warper on rows with a tie at the nucleus' edge), for either engine. Installed
     around collection's model loading, so that the reference's forward is timed on the instance."""
 
@@ -161,18 +118,18 @@ class Profile:
         return wrapper
 
     def install(self):
-        load = collect_training_data.load_causal_lm
+        load = requests.load_causal_lm
 
         def load_timed(*args, **kwargs):
             model = load(*args, **kwargs)
             model.forward = self.timed_forward(model.forward)
             return model
 
-        targets = [(collect_training_data, "load_causal_lm", load_timed),
+        targets = [(requests, "load_causal_lm", load_timed),
                    (QSharpLogitsProcessor, "__call__", self.timed(QSharpLogitsProcessor.__call__, "processor")),
                    (QSharpLogitsProcessor, "guide_rows", self.timed(QSharpLogitsProcessor.guide_rows, "processor")),
                    (TopPLogitsWarper, "__call__", self.timed(TopPLogitsWarper.__call__, "top_p")),
-                   (guidance, "top_p_filter", self.timed(guidance.top_p_filter, "top_p"))]
+                   (kl, "top_p_filter", self.timed(kl.top_p_filter, "top_p"))]
         for owner, name, value in targets:
             self.patched.append((owner, name, getattr(owner, name)))
             setattr(owner, name, value)
@@ -190,8 +147,10 @@ class Profile:
         return {**shares, "decode_seconds": round(decode_seconds, 2), **{f"{k}_calls": v for k, v in self.calls.items()}}
 
 
-def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id: str, classifier_id: str) -> float:
-    """Seconds of one whole collection ``main`` into ``output_dir`` (its files counted)."""
+def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id: str,
+                classifier_id: str) -> tuple[float, dict]:
+    """Seconds of one whole collection ``main`` into ``output_dir`` (its files counted) and its
+    backend's ``stats``."""
     argv = [
         "--is_first_round", "1", "--start_index", "0", "--end_index", str(args.num_problems),
         "--ref_model_id", ref_id, "--classifier_model_id", classifier_id,
@@ -205,12 +164,12 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
     collect_args = collect_training_data.parse_args(argv)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result
-        collect_training_data.main(collect_args)
+        stats = collect_training_data.main(collect_args)
     seconds = time.perf_counter() - start
     files = len(list(output_dir.glob("*_r*.json")))
     if files != args.num_problems * args.num_samples:
         raise SystemExit(f"error: expected {args.num_problems * args.num_samples} files, found {files}")
-    return seconds
+    return seconds, stats
 
 
 def main(args: argparse.Namespace) -> None:
@@ -222,19 +181,17 @@ def main(args: argparse.Namespace) -> None:
         if ref_id is None:
             models = write_tiny_models(tmp / "models")
             ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
-        times, tokens = [], []
-        meter = EngineMeter() if args.engine == "continuous" else GenerateMeter()
+        times, tokens, total = [], [], {}
         profile = Profile() if args.profile else None
-        meter.install()
         if profile:
             profile.install()
         try:
             for repeat in range(args.warmup + args.repeats):  # the first --warmup runs are not timed
-                before = sum(meter.kept.values())
-                times.append(timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id))
-                tokens.append(sum(meter.kept.values()) - before)
+                seconds, stats = timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id)
+                times.append(seconds)
+                tokens.append(sum(stats["tokens"].values()))
+                add_stats(total, stats)
         finally:
-            meter.uninstall()
             if profile:
                 profile.uninstall()
     timed, timed_tokens = times[args.warmup:], tokens[args.warmup:]
@@ -246,8 +203,8 @@ def main(args: argparse.Namespace) -> None:
         "tokens_per_s": round(tokens_per_s, 1),
         "seconds": round(seconds, 2),
         "tokens_per_round": round(statistics.median(timed_tokens), 1),
-        "generate_share": round(meter.seconds / sum(times), 3),  # of the whole main(), loading included
-        "row_steps_kept": meter.row_steps_kept(),
+        "generate_share": round(total["seconds"] / sum(times), 3),  # of the whole main(), loading included
+        "row_steps_kept": row_steps_kept(total),
         "engine": args.engine,
         "num_problems": args.num_problems,
         "num_samples": args.num_samples,
@@ -259,7 +216,7 @@ def main(args: argparse.Namespace) -> None:
         "models": args.ref_model_id or "random tiny",
     }
     if profile:
-        result["profile"] = profile.report(meter.seconds)  # over all runs, the warm-up included
+        result["profile"] = profile.report(total["seconds"])  # over all runs, the warm-up included
     if args.json:
         print(json.dumps(result))
     else:

@@ -7,7 +7,7 @@ classifier guiding a random reference, eta 1, top-k 20, temperature 0.8, top-p 0
 models over a vocabulary of 128256 tokens, Llama 3's, since the cost of KL grows with the
 vocabulary) is sampled twice with the same seeds:
 
-- online: ``utils.rollout.sample_batch`` as ``eval_ckpt.py`` runs it with ``--engine
+- online: ``utils.decoding.rollout.sample`` as ``eval_ckpt.py`` runs it with ``--engine
   generate``; the processor adds the original's KL(top_p(guided / T) || reference / T) of
   each step from the two logit vectors it already holds, and hands ``generate`` the same
   top_p(guided / T) to sample from (one nucleus per step);
@@ -36,7 +36,8 @@ from bench.two_pass import two_pass_sample_batch  # noqa: E402
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
-from utils.decoding.rollout import sample_batch  # noqa: E402
+from utils.decoding.generate import GenerateBackend  # noqa: E402
+from utils.decoding.rollout import sample  # noqa: E402
 from utils.seeding import batch_seed, set_seed  # noqa: E402
 
 
@@ -55,18 +56,19 @@ def main(args: argparse.Namespace) -> None:
     sampling = {"use_chat_template": True, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "stop_ids": stop_ids}
 
-    def run_online():
-        out = []
-        for index, chunk in enumerate(batches):
-            set_seed(batch_seed(args.seed, 0, index))
-            with torch.no_grad():
-                out += sample_batch(ref, tokenizer, chunk, online, **sampling)
-        return out
+    def run_online():  # eval_ckpt.py's --engine generate: batches seeded by their first problem
+        backend = GenerateBackend.from_model(ref, tokenizer, batch_size=args.batch_size, temperature=args.temperature,
+                                             top_p=args.top_p)
+        out = {}
+        sample(backend, tokenizer, records, [(i, 0) for i in range(len(records))], online,
+               lambda index, _, fields: out.__setitem__(index, fields), seed=args.seed, use_chat_template=True,
+               max_new_tokens=args.max_new_tokens)
+        return [out[i] for i in range(len(records))]
 
     def run_two_pass():
         out = []
         for index, chunk in enumerate(batches):
-            set_seed(batch_seed(args.seed, 0, index))
+            set_seed(batch_seed(args.seed, 0, index * args.batch_size))
             with torch.no_grad():
                 out += two_pass_sample_batch(ref, tokenizer, chunk, plain, kl_batch_size=args.kl_batch_size, **sampling)
         return out

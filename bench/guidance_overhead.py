@@ -69,7 +69,8 @@ from bench.common import (  # noqa: E402
     prompt_batch, set_threads, sync,
 )
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
-from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses  # noqa: E402
+from utils.decoding.generate import generate_responses  # noqa: E402
+from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
 
 

@@ -71,15 +71,15 @@ def two_pass_kl(ref_model, batch, responses, lengths, guided_steps, temperature,
 
 def two_pass_sample_batch(ref_model, tokenizer, records, processor, *, use_chat_template, temperature, top_p,
                           max_new_tokens, stop_ids, kl_batch_size=2):
-    """``utils.rollout.sample_batch`` with the original's KL: keep every step's scores, then
+    """One ``generate()`` batch of evaluation samples with the original's KL: keep every step's scores, then
     a second reference pass. ``processor`` must not record KL itself."""
-    from utils.decoding.rollout import roll_in
+    from utils.decoding.generate import generate_responses
+    from utils.models import tokenize_prompts
 
     keeper = KeepScores(processor)
-    _, batch, responses, lengths = roll_in(
-        ref_model, tokenizer, records, keeper, use_chat_template=use_chat_template, temperature=temperature,
-        top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-    )
+    batch = tokenize_prompts(tokenizer, [r["prompt"] for r in records], use_chat_template, ref_model.device)
+    responses, lengths = generate_responses(ref_model, batch, stop_ids, tokenizer.pad_token_id, max_new_tokens,
+                                            temperature, top_p, keeper)
     guided = torch.stack(keeper.steps, dim=1)  # [batch, steps, vocab]
     sampled = temperature > 0
     kl = two_pass_kl(ref_model, batch, responses, lengths, guided, temperature if sampled else 1.0, kl_batch_size,

@@ -325,9 +325,10 @@ def test_each_rank_trains_on_its_own_batches(budget):
 
 def test_eta_sweep_writes_the_files_of_separate_runs_and_loads_each_model_once(workdir, monkeypatch, capsys):
     from utils.classifier import QSharpClassifier
+    from utils.decoding import requests
 
     loads = {"reference": 0, "classifier": 0}
-    load_causal_lm, from_pretrained = eval_ckpt.load_causal_lm, QSharpClassifier.from_pretrained.__func__
+    load_causal_lm, from_pretrained = requests.load_causal_lm, QSharpClassifier.from_pretrained.__func__
 
     def counted_reference(*args, **kwargs):
         loads["reference"] += 1
@@ -337,7 +338,7 @@ def test_eta_sweep_writes_the_files_of_separate_runs_and_loads_each_model_once(w
         loads["classifier"] += 1
         return from_pretrained(cls, *args, **kwargs)
 
-    monkeypatch.setattr(eval_ckpt, "load_causal_lm", counted_reference)
+    monkeypatch.setattr(requests, "load_causal_lm", counted_reference)  # every backend loads the reference here
     monkeypatch.setattr(QSharpClassifier, "from_pretrained", classmethod(counted_classifier))
     capsys.readouterr()
     in_process(workdir, eval_ckpt, [*EVAL, "--eta", "0", "2", "5", "--output_dir", "eval_sweep"], threads=2)

@@ -1,4 +1,4 @@
-"""The continuous-batching engine (``utils.engine``): greedy equality with ``generate()``,
+"""The continuous-batching engine (``utils.decoding.engine``): greedy equality with ``generate()``,
 samples independent of their batch mates, classifier values under joins and leaves."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from tests.helpers.naive import expected_guided
 from tests.helpers.probes import NucleusCount
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.decoding.engine import ContinuousEngine, Request, left_pad
-from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses
+from utils.decoding.engine import ContinuousEngine, left_pad
+from utils.decoding.generate import generate_responses
+from utils.decoding.guidance import QSharpLogitsProcessor
+from utils.decoding.requests import Request
 from utils.models import get_stop_ids
 
 BUDGET = 20
@@ -24,6 +26,11 @@ def prompts(tokenizer):
     vocab = len(tokenizer)
     lengths = [3, 15, 7, 11, 4, 9, 13]
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def request(prompt, budget, seed, stage="eval", **kwargs) -> Request:
+    """A request whose stream is seeded by ``seed`` (problem 0, repeat 0)."""
+    return Request(prompt, budget, (seed, 0, 0, stage), **kwargs)
 
 
 def processor_for(make_classifier, classifier_type, **kwargs):
@@ -67,22 +74,22 @@ def test_greedy_equals_generate(ref_model, tokenizer, make_classifier, prompts, 
     early_stops = sorted(set(early_stops) | {int(ids[1, 5]), int(ids[4, 11])})
     _, expected = generate(early_stops)
     assert len(set(len(e) for e in expected)) > 2, "rows must end at different steps"
-    requests = [Request(p, BUDGET, seed=0, guided=True, tag=i) for i, p in enumerate(prompts)]
+    requests = [request(p, BUDGET, 0, guided=True, tag=i) for i, p in enumerate(prompts)]
     done, engine = run_engine(ref_model, early_stops, pad, requests, batch_size, temperature=0,
                               processor=processor_for(make_classifier, classifier_type))
     assert [done[i].tokens for i in range(len(prompts))] == expected
-    assert engine.stats["tokens"]["sample"] == sum(len(e) for e in expected)
+    assert engine.stats["tokens"]["eval"] == sum(len(e) for e in expected)
 
 
 def test_sample_does_not_depend_on_batch_mates(ref_model, tokenizer, make_classifier, prompts, early_stops):
     """One request sampled alone, and among other neighbours in batches of 3 and 8: the same
     tokens and the same KL (V-guided, temperature 0.8, top-p 0.9)."""
     pad = tokenizer.pad_token_id
-    target = Request(prompts[2], BUDGET, seed=1234, guided=True, tag="target")
+    target = request(prompts[2], BUDGET, 1234, guided=True, tag="target")
 
     def sample(neighbours, batch_size):
-        requests = [Request(p, BUDGET - i, seed=7 + i, guided=True, tag=i) for i, p in enumerate(neighbours)]
-        requests.insert(len(requests) // 2, Request(target.prompt, BUDGET, seed=target.seed, guided=True, tag="target"))
+        requests = [request(p, BUDGET - i, 7 + i, guided=True, tag=i) for i, p in enumerate(neighbours)]
+        requests.insert(len(requests) // 2, request(target.prompt, BUDGET, 1234, guided=True, tag="target"))
         processor = processor_for(make_classifier, "V", kl_temperature=0.8, kl_top_p=0.9)
         done, _ = run_engine(ref_model, early_stops, pad, requests, batch_size, processor, temperature=0.8, top_p=0.9)
         return done["target"]
@@ -93,7 +100,7 @@ def test_sample_does_not_depend_on_batch_mates(ref_model, tokenizer, make_classi
         other = sample(neighbours, batch_size)
         assert other.tokens == alone.tokens
         torch.testing.assert_close(torch.tensor(other.token_kl), torch.tensor(alone.token_kl), atol=1e-5, rtol=1e-5)
-    another_seed = Request(target.prompt, BUDGET, seed=99, guided=True, tag="target")
+    another_seed = request(target.prompt, BUDGET, 99, guided=True, tag="target")
     done, _ = run_engine(ref_model, early_stops, pad, [another_seed], 1,
                          processor_for(make_classifier, "V"), temperature=0.8, top_p=0.9)
     assert done["target"].tokens != alone.tokens  # the seed does decide the sample
@@ -104,7 +111,7 @@ def test_one_nucleus_per_step_for_kl_and_sample(monkeypatch, ref_model, tokenize
     """The KL of the guided rows is taken on the sampler's own top-p filtered logits: one
     nucleus computation per step, with guided and unguided rows side by side."""
     count = NucleusCount(monkeypatch)
-    requests = [Request(p, BUDGET, seed=i, guided=i % 2 == 0, tag=i) for i, p in enumerate(prompts)]
+    requests = [request(p, BUDGET, i, guided=i % 2 == 0, tag=i) for i, p in enumerate(prompts)]
     processor = processor_for(make_classifier, "V", kl_temperature=0.8, kl_top_p=0.9)
     done, engine = run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, processor, temperature=0.8,
                               top_p=0.9)
@@ -137,20 +144,20 @@ def test_classifier_values_under_joins_and_leaves(monkeypatch, ref_model, tokeni
     original = ContinuousEngine._process
     checked = {"steps": 0, "joins": 0, "rows": set()}
 
-    def checking(self, scores, live, rows, n_old, last, joiners):
-        guided = original(self, scores, live, rows, n_old, last, joiners)
+    def checking(self, scores, live, rows, n_old, last):
+        guided = original(self, scores, live, rows, n_old, last)
         sequences = [r.prompt + r.tokens for r in live]
         batch = left_pad(sequences, tokenizer.pad_token_id)
         expected, _ = expected_guided(classifier, batch["input_ids"], batch["attention_mask"], scores, "bernoulli", 3.0, 5)
         torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-5,
                                    msg=lambda m: f"step {checked['steps']}: {m}")
         checked["steps"] += 1
-        checked["joins"] += bool(joiners) and n_old > 0
+        checked["joins"] += len(live) > n_old > 0  # rows joined a running batch
         checked["rows"].update(r.tag for r in live)
         return guided
 
     monkeypatch.setattr(ContinuousEngine, "_process", checking)
-    requests = [Request(p, BUDGET - 2 * i, seed=i, guided=True, tag=i) for i, p in enumerate(prompts)]  # leave apart
+    requests = [request(p, BUDGET - 2 * i, i, guided=True, tag=i) for i, p in enumerate(prompts)]  # leave apart
     done, _ = run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, processor, temperature=0.8)
     assert len(done) == len(prompts) and checked["rows"] == set(range(len(prompts)))
     assert checked["joins"] >= 2, "requests must join a running batch"
@@ -165,14 +172,15 @@ def test_follow_ups_and_unguided_rows_share_the_batch(ref_model, tokenizer, make
     processor = processor_for(make_classifier, "V")
     order = []
 
-    def on_finish(request):
-        order.append(request.tag)
-        if request.kind == "roll_in":
-            return [Request(request.prompt + request.tokens[:2], BUDGET, seed=request.seed + 1, kind="roll_out",
-                            tag=("out", request.tag))]
+    def on_finish(finished_request):
+        order.append(finished_request.tag)
+        if finished_request.kind == "roll_in":
+            seed = finished_request.stream[0]
+            return [request(finished_request.prompt + finished_request.tokens[:2], BUDGET, seed, "roll_out",
+                            tag=("out", finished_request.tag))]
         return None
 
-    requests = [Request(p, BUDGET - i, seed=i, guided=True, kind="roll_in", tag=i) for i, p in enumerate(prompts)]
+    requests = [request(p, BUDGET - i, i, "roll_in", guided=True, tag=i) for i, p in enumerate(prompts)]
     engine = ContinuousEngine(ref_model, early_stops, pad, 3, processor=processor, temperature=0.8)
     finished = {}
     engine.run(requests, lambda r: (finished.__setitem__(r.tag, r), on_finish(r))[1])
@@ -182,7 +190,7 @@ def test_follow_ups_and_unguided_rows_share_the_batch(ref_model, tokenizer, make
     alone = {}
     for i in range(len(prompts)):
         rollout = finished[("out", i)]
-        single = Request(rollout.prompt, BUDGET, seed=rollout.seed, tag="x")
+        single = Request(rollout.prompt, BUDGET, rollout.stream, tag="x")
         done, _ = run_engine(ref_model, early_stops, pad, [single], 1, temperature=0.8)
         alone[i] = done["x"].tokens
         assert alone[i] == rollout.tokens
@@ -204,13 +212,13 @@ def test_prefill_cap_and_bad_sizes(ref_model, tokenizer, prompts, early_stops):
 
     ContinuousEngine._admit = recording
     try:
-        requests = [Request(p, BUDGET, seed=i, tag=i) for i, p in enumerate(prompts)]
+        requests = [request(p, BUDGET, i, tag=i) for i, p in enumerate(prompts)]
         done, _ = run_engine(ref_model, early_stops, pad, requests, 8, temperature=0, max_batch_tokens=20)
     finally:
         ContinuousEngine._admit = original
     assert len(done) == len(prompts)
     assert all(w <= 20 or w == max(len(p) for p in prompts) for w in widths) and len(widths) > 1
-    expected, _ = run_engine(ref_model, early_stops, pad, [Request(p, BUDGET, 0, tag=i) for i, p in enumerate(prompts)],
+    expected, _ = run_engine(ref_model, early_stops, pad, [request(p, BUDGET, 0, tag=i) for i, p in enumerate(prompts)],
                              8, temperature=0)
     assert {k: r.tokens for k, r in done.items()} == {k: r.tokens for k, r in expected.items()}
     with pytest.raises(ValueError, match="--batch_size"):
@@ -225,7 +233,7 @@ def test_forwards_compute_the_last_position_logits_only(ref_model, tokenizer, pr
     widths = []
     hook = ref_model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
     try:
-        requests = [Request(p, BUDGET, seed=i, tag=i) for i, p in enumerate(prompts)]
+        requests = [request(p, BUDGET, i, tag=i) for i, p in enumerate(prompts)]
         run_engine(ref_model, early_stops, tokenizer.pad_token_id, requests, 3, temperature=0.8, top_p=0.9)
     finally:
         hook.remove()

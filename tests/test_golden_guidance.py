@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers.golden import GOLDEN, fixture_spec, load_fixtures
 from utils.classifier import QSharpClassifier
-from utils.decoding.guidance import QSharpLogitsProcessor, kl_divergence, top_p_filter
+from utils.decoding.guidance import QSharpLogitsProcessor
+from utils.decoding.kl import kl_divergence, top_p_filter
 
 GUIDED, KL = load_fixtures("guided_logits", "kl")
 
@@ -98,7 +99,7 @@ class FixedOffsets(QSharpLogitsProcessor):
     def is_noop(self):
         return not hasattr(self, "offsets")  # a no-op while the base class is built (no classifier)
 
-    def _guide(self, input_ids, scores):
+    def _guide_generate(self, input_ids, scores):
         self.step += 1
         return scores + self.offsets[:, self.step - 1]
 

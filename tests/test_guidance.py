@@ -9,8 +9,10 @@ from transformers import AutoModelForCausalLM, MistralConfig, PretrainedConfig, 
 from tests.helpers.models import ARCHS
 from tests.helpers.naive import closed_form_offsets, expected_guided
 from tests.helpers.probes import NucleusCount, Recorder
+from tests.helpers.sampling import generate_samples
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses, resolve_guidance_mode
+from utils.decoding.generate import generate_responses
+from utils.decoding.guidance import QSharpLogitsProcessor, resolve_guidance_mode
 from utils.models import attention_window, get_stop_ids, tokenize_prompts
 
 PROMPTS = [
@@ -238,7 +240,7 @@ def test_v_candidates_equal_one_at_a_time(tokenizer, make_classifier, step):
         guided = processor(input_ids, scores)
         last_ids = input_ids
         input_ids = torch.cat([input_ids, torch.randint(10, classifier.vocab_size, (2, 1))], dim=1)
-    assert processor._cache.get_seq_length() == last_ids.shape[1], "candidates stayed in the cache"
+    assert processor.rows.cache.get_seq_length() == last_ids.shape[1], "candidates stayed in the cache"
     mask = torch.cat([batch["attention_mask"], torch.ones(2, step, dtype=torch.long)], dim=1)
     offsets = guided - scores  # every token is a candidate
     for token in range(0, classifier.vocab_size, 7):
@@ -360,7 +362,7 @@ def test_finished_rows_leave_the_classifier_batch(tokenizer, make_classifier, cl
         guided = processor(ids, scores.clone())
         done = [row for row, at in finished_at.items() if step > at]
         active = [row for row in range(3) if row not in done]
-        assert processor._rows.tolist() == active
+        assert processor._active.tolist() == active
         for row in done:
             assert torch.equal(guided[row], scores[row]), f"step {step}: finished row {row} was guided"
         expected, _ = expected_guided(classifier, ids[active], mask[active], scores[active], "bernoulli", 3.0, 6)
@@ -389,21 +391,21 @@ def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, cla
     """KL(guided || reference) accumulated while decoding equals the original's two-pass value
     (every step's guided logits kept, then a second reference forward over prompt + response)."""
     from bench.two_pass import two_pass_sample_batch
-    from utils.decoding.rollout import sample_batch
 
     classifier = make_classifier(classifier_type, "bce")
     records = [{"prompt": p} for p in PROMPTS]
     stops = get_stop_ids(ref_model, tokenizer)
-    sampling = {"use_chat_template": True, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 24, "stop_ids": stops}
+    sampling = {"use_chat_template": True, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 24}
     results = []
     for kl_temperature in (0.8, None):
         processor = QSharpLogitsProcessor(classifier, 4.0, top_k, pad_token_id=tokenizer.pad_token_id,
                                           kl_temperature=kl_temperature, kl_top_p=0.9)
-        torch.manual_seed(5)
-        if kl_temperature is not None:
-            results.append(sample_batch(ref_model, tokenizer, records, processor, **sampling))
+        if kl_temperature is not None:  # seeded as torch.manual_seed(5)
+            results.append(generate_samples(ref_model, tokenizer, records, processor, seed=5, **sampling))
         else:
-            results.append(two_pass_sample_batch(ref_model, tokenizer, records, processor, kl_batch_size=2, **sampling))
+            torch.manual_seed(5)
+            results.append(two_pass_sample_batch(ref_model, tokenizer, records, processor, kl_batch_size=2, stop_ids=stops,
+                                                 **sampling))
     online, two_pass = results
     assert [r["prediction"] for r in online] == [r["prediction"] for r in two_pass]
     assert [r["num_response_tokens"] for r in online] == [r["num_response_tokens"] for r in two_pass]
@@ -419,13 +421,11 @@ def test_online_kl_equals_two_pass_kl(tokenizer, ref_model, make_classifier, cla
 def test_generate_computes_one_nucleus_per_step_for_kl_and_sample(monkeypatch, tokenizer, ref_model, make_classifier):
     """With KL recorded, the sample and the KL share one top-p filter per step: generate runs no
     warper of its own."""
-    from utils.decoding.rollout import sample_batch
-
     count = NucleusCount(monkeypatch)
     processor = QSharpLogitsProcessor(make_classifier("V", "bce"), 4.0, 8, pad_token_id=tokenizer.pad_token_id,
                                       kl_temperature=0.8, kl_top_p=0.9)
-    samples = sample_batch(ref_model, tokenizer, [{"prompt": p} for p in PROMPTS], processor, use_chat_template=True,
-                           temperature=0.8, top_p=0.9, max_new_tokens=12, stop_ids=get_stop_ids(ref_model, tokenizer))
+    samples = generate_samples(ref_model, tokenizer, [{"prompt": p} for p in PROMPTS], processor, use_chat_template=True,
+                               temperature=0.8, top_p=0.9, max_new_tokens=12)
     assert (count.filter_calls, count.warper_calls) == (max(s["num_response_tokens"] for s in samples), 0)
 
 
@@ -441,7 +441,7 @@ def test_top_p_filter_equals_transformers_warper_bit_for_bit():
     rows with -inf, every top_p: the same filtered set and values as ``TopPLogitsWarper``."""
     from transformers import TopPLogitsWarper
 
-    from utils.decoding.guidance import top_p_filter
+    from utils.decoding.kl import top_p_filter
 
     g = torch.Generator().manual_seed(0)
     rows = {

@@ -23,7 +23,8 @@ from tests.helpers.naive import expected_guided, naive_candidate_logits
 from tests.helpers.probes import Recorder
 from tests.helpers.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.decoding.guidance import QSharpLogitsProcessor, generate_responses
+from utils.decoding.generate import generate_responses
+from utils.decoding.guidance import QSharpLogitsProcessor
 from utils.models import format_prompts, get_stop_ids, load_causal_lm, load_tokenizer, response_lengths, tokenize_prompts
 from utils.demo import real_models
 from utils.demo.real_models import CLASSIFIER_NAME, REF_NAME

@@ -19,16 +19,16 @@ class Recorder(LogitsProcessor):
 
 
 class NucleusCount:
-    """Counts nucleus computations: calls of ``utils.guidance.top_p_filter`` and calls of
+    """Counts nucleus computations: calls of ``utils.decoding.kl.top_p_filter`` and calls of
     transformers' ``TopPLogitsWarper`` made outside it (generate's or the engine's own)."""
 
     def __init__(self, monkeypatch):
         from transformers import TopPLogitsWarper
 
-        from utils.decoding import guidance
+        from utils.decoding import kl
 
         self.filter_calls, self.warper_calls, self.inside = 0, 0, False
-        top_p_filter, warper_call = guidance.top_p_filter, TopPLogitsWarper.__call__
+        top_p_filter, warper_call = kl.top_p_filter, TopPLogitsWarper.__call__
 
         def counted_filter(*args):
             self.filter_calls, self.inside = self.filter_calls + 1, True
@@ -41,5 +41,5 @@ class NucleusCount:
             self.warper_calls += not self.inside
             return warper_call(warper, *args)
 
-        monkeypatch.setattr(guidance, "top_p_filter", counted_filter)
+        monkeypatch.setattr(kl, "top_p_filter", counted_filter)
         monkeypatch.setattr(TopPLogitsWarper, "__call__", counted_warper)

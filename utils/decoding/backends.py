@@ -15,3 +15,11 @@ def make_backend(name: str, model_id: str, tokenizer, **settings) -> Backend:
     """The backend ``name`` for the reference ``model_id`` (loaded when it first runs); ``settings``:
     ``dtype``, ``device``, ``batch_size``, ``temperature``, ``top_p``, ``max_batch_tokens``."""
     return choose("--engine", name, BACKENDS)(model_id, tokenizer, **settings)
+
+
+def backend_for(args, tokenizer, device) -> Backend:
+    """The backend of a stage's flags (``--engine``, ``--ref_model_id``, ``--dtype``, ``--batch_size``,
+    ``--temperature``, ``--top_p``, ``--max_batch_tokens``) on ``device``."""
+    return make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
+                        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                        max_batch_tokens=args.max_batch_tokens)

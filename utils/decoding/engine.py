@@ -118,7 +118,7 @@ class ContinuousEngine:
             if guiding:
                 joining = [r.prompt for r in joiners if r.guided]
                 self.processor.update_rows(kept_guided, left_pad(joining, self.pad_token_id, device) if joining else None)
-            processed = self._process(scores, guided, n_old, last) if guiding and guided else scores
+            processed = self._process(scores, live, guided, n_old, last) if guiding and guided else scores
             warped = self._warp(processed)  # [live, vocab]
             if guided and self.processor.records_kl:
                 self._record_kl(scores, processed, warped, live, guided)
@@ -168,8 +168,9 @@ class ContinuousEngine:
         generator = torch.Generator().manual_seed(request.seed)
         return torch.rand(request.max_new_tokens, generator=generator, dtype=torch.float64)
 
-    def _process(self, scores, guided: list[int], n_old: int, last) -> torch.Tensor:
-        """The logits [live, vocab] with guidance on the ``guided`` rows (indices into the live rows)."""
+    def _process(self, scores, live: list[Request], guided: list[int], n_old: int, last) -> torch.Tensor:
+        """The logits [live, vocab] of the ``live`` requests with guidance on the ``guided`` rows
+        (indices into ``live``; the first ``n_old`` rows were live last step)."""
         index = torch.tensor(guided, dtype=torch.long, device=scores.device)
         old = [i for i in guided if i < n_old]
         new_ids = last[torch.tensor(old, dtype=torch.long, device=scores.device)] if old else None
@@ -222,5 +223,5 @@ class ContinuousBackend(Backend):
                                   max_batch_tokens=self.max_batch_tokens)
         engine.run(requests, on_finish)
         for kind, count in engine.stats["tokens"].items():
-            self._count(kind, count, 0)
-        self._count("all", 0, engine.stats["slot_steps"])
+            self._count("tokens", kind, count)
+        self._count("row_steps", "all", engine.stats["slot_steps"])

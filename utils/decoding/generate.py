@@ -107,7 +107,8 @@ class GenerateBackend(Backend):
             if processor is not None and processor.records_kl:
                 request.token_kl = kl[row, : lengths[row]].tolist()
                 request.token_kl_before_top_p = plain[row, : lengths[row]].tolist()
-        self._count(batch[0].kind, sum(min(n, ids.shape[1]) for n in lengths), ids.shape[0] * ids.shape[1])
+        self._count("tokens", batch[0].kind, sum(min(n, ids.shape[1]) for n in lengths))
+        self._count("row_steps", batch[0].kind, ids.shape[0] * ids.shape[1])
 
 
 def _group(request: Request) -> tuple:

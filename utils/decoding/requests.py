@@ -67,13 +67,22 @@ class Backend:
 
     name = ""
 
-    def __init__(self, model_id: str, tokenizer, *, dtype: str, device, batch_size: int, temperature: float,
-                 top_p: float, max_batch_tokens: int = 0):
+    def __init__(self, model_id: str, tokenizer, *, dtype: str, device, batch_size: int, temperature: float = 1.0,
+                 top_p: float = 1.0, max_batch_tokens: int = 0):
         self.model_id, self.tokenizer, self.dtype, self.device = model_id, tokenizer, dtype, device
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.model = self.stop_ids = None
         self.stats = {"seconds": 0.0, "tokens": {}, "row_steps": {}}
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **settings) -> Backend:
+        """A backend on an already loaded reference ``model`` (on its device and dtype); ``settings``
+        as the constructor's, ``dtype`` and ``device`` left out."""
+        backend = cls(getattr(model, "name_or_path", ""), tokenizer, dtype=str(model.dtype).removeprefix("torch."),
+                      device=model.device, **settings)
+        backend.model, backend.stop_ids = model, get_stop_ids(model, tokenizer)
+        return backend
 
     def load(self) -> None:
         """The reference model and its stop ids, once."""
@@ -101,7 +110,6 @@ class Backend:
     def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
         raise NotImplementedError
 
-    def _count(self, kind: str, tokens: int, row_steps: int, row_kind: str | None = None) -> None:
-        """Add to ``stats``: ``tokens`` decoded for ``kind``, ``row_steps`` run for ``row_kind`` (default ``kind``)."""
-        for key, name, value in (("tokens", kind, tokens), ("row_steps", row_kind or kind, row_steps)):
-            self.stats[key][name] = self.stats[key].get(name, 0) + value
+    def _count(self, key: str, kind: str, count: int) -> None:
+        """Add ``count`` to ``stats[key][kind]`` (``key``: ``tokens`` or ``row_steps``)."""
+        self.stats[key][kind] = self.stats[key].get(kind, 0) + count
