@@ -54,7 +54,7 @@ def find_files(folder: Path) -> dict[int, dict[int, Path]]:
 
 
 def read_repeat(path: Path, record: dict) -> dict[str, list]:
-    """The collected lists of one file, checked (:func:`utils.problems.check_collected`) and
+    """The collected lists of one file, checked (:func:`utils.data.problems.check_collected`) and
     its problem ``record``'s."""
     data = check_collected(read_json(path), str(path))  # a truncated or malformed file raises ValueError naming it
     if data["problem"] != record["problem"]:

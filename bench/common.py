@@ -105,7 +105,7 @@ def weight_bytes(model, lm_head: bool = True) -> int:
 
 def classifier_step_costs(classifier, top_k: int, batch_size: int) -> dict[str, int]:
     """Multiply-adds per row and weight bytes per step of the guidance classifier (a decode step,
-    after the prompt), as :class:`utils.guidance.QSharpLogitsProcessor` feeds it.
+    after the prompt), as :class:`utils.decoding.guidance.QSharpLogitsProcessor` feeds it.
 
     ``k`` = ``top_k`` (the whole vocabulary for -1), at most the vocabulary; ``B`` the backbone's
     multiply-adds per token (its decoder layers: the classifier reads the backbone's hidden

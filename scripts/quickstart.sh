@@ -4,7 +4,7 @@
 # the CD baseline. Writes quickstart_out/summary.json and prints the table.
 #   bash scripts/quickstart.sh
 # Sizes come from QS_* environment variables (defaults below); QS_MODELS=DIR skips pretraining
-# and uses DIR/ref and DIR/classifier; QS_PRETRAIN_ARGS passes flags to utils.pretrain.
+# and uses DIR/ref and DIR/classifier; QS_PRETRAIN_ARGS passes flags to utils.demo.pretrain.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${QS_OUT:-quickstart_out}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Q# with a real instruct model, on a CPU, offline apart from the package index: SmolLM2-135M-
-# Instruct, fine-tuned to box its answers (utils/real_sft.py), is the reference, its first 6
+# Instruct, fine-tuned to box its answers (utils/demo/real_sft.py), is the reference, its first 6
 # layers the classifier LM. One round: collect, combine, train V/bce, then evaluate the reference
 # (eta 0), the CD baseline and Q# on the same test problems.
 #   python -m utils.real_models --out_dir models/ --sft 1   # once (the demo runs it if needed)

@@ -1,4 +1,4 @@
-"""Tests for utils/answers.py: box extraction, normalisation, matching, voting.
+"""Tests for utils/data/answers.py: box extraction, normalisation, matching, voting.
 
 ``symbolic`` and ``strict`` are the original's graders (its box extraction, as is;
 math_verify 0.7.0, no normalisation; the golden fixture cases are in

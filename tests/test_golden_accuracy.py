@@ -2,7 +2,7 @@
 
 ``shared/golden/accuracy.json`` (README section 5) was computed by the original
 ``accuracy_utils.py`` with math_verify 0.7.0. Every value is checked exactly, through the
-project's public functions (``utils.answers``). The module is skipped when the fixture
+project's public functions (``utils.data.answers``). The module is skipped when the fixture
 is absent.
 """
 
@@ -57,7 +57,7 @@ def test_case(case):
     assert predictions == case["processed_predictions"]
     correctness = [is_equiv(case["gold_processed"], p, match_fn_type) for p in predictions]
     assert correctness == case["predictions_correctness"]
-    # collection (utils/rollout.py) grades each response with grade()
+    # collection (utils/decoding/rollout.py) grades each response with grade()
     assert [grade(r, reference, dataset_type, match_fn_type) for r in responses] == case["quick_evaluate_single"]
     assert equivalence_partition(predictions, match_fn_type) == case["partition"]
     assert pass_at_k(responses, reference, dataset_type, match_fn_type) is case["pass_at_k"]

@@ -11,7 +11,8 @@ modules it checks):
   real paths;
 - test modules share code through ``tests.helpers`` only: no test module imports another or
   ``tests.conftest``;
-- ``bench/`` does not import ``tests``.
+- ``bench/`` does not import ``tests``;
+- the README's module table lists every module of ``utils``.
 
 Every ``import`` counts, at module level or inside a function. ``from utils.x import name``
 is an import of ``utils.x.name`` when that is a module of the repository, else of
@@ -181,3 +182,15 @@ def test_tests_import_shared_code_from_helpers_only(module):
 def test_bench_imports_no_tests():
     found = violations(modules("bench"), lambda target: is_within(target, "tests"))
     check(found, "bench imports tests; shared code belongs in bench/ (tests may import bench)")
+
+
+def test_readme_module_table_lists_every_utils_module():
+    """Every ``utils`` module file is named in the README's module table, as `utils/<path>.py`
+    (a package ``__init__.py`` only when it imports something)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("### Modules"):]
+    table = table[: table.index("\n\n", table.index("| module |"))]
+    missing = [str(path.relative_to(REPO)) for name, path in sorted(FILES.items())
+               if is_within(name, "utils") and f"`{path.relative_to(REPO)}`" not in table
+               and not (path.name == "__init__.py" and "import" not in path.read_text())]
+    assert not missing, f"README's module table does not name: {', '.join(missing)}"

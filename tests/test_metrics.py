@@ -1,4 +1,4 @@
-"""Tests for utils/metrics.py against naive loop-based references written out here."""
+"""Tests for utils/training/metrics.py against naive loop-based references written out here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Synthetic word problems (dataset/synthetic.py) and the tiny-LM pretraining (utils/pretrain.py)."""
+"""Synthetic word problems (utils/demo/synthetic.py) and the tiny-LM pretraining (utils/demo/pretrain.py)."""
 
 from __future__ import annotations
 

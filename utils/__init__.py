@@ -1,6 +1,10 @@
-"""Shared library of the Q# math-reasoning scripts.
+"""Shared library of the Q# math-reasoning scripts, grouped by the pipeline.
 
-``classifier`` (Q/V value heads, losses, checkpoints), ``guidance`` (the guided-sampling
-logits processor), ``answers`` (grading, maj@k, pass@k), ``models`` (loading, tokenisation,
-stop ids), ``data`` (json/jsonl I/O), ``seeding``, ``registry`` and ``tiny_models``.
+``data`` (problem records and their prompt, split maps, grading, atomic I/O), ``decoding``
+(the Q# guidance, its KL, the backends behind one seam, collection and evaluation),
+``training`` (examples, targets, the resumable training state, metrics), and beside them
+the pieces every stage shares: ``cli``, ``models``, ``classifier``, ``seeding``,
+``distributed``, ``registry``. ``demo`` holds what only the quickstart and the real-model
+demo use. ``guidance``, ``answers``, ``tiny_models`` and ``real_models`` are kept paths
+that re-export from their sub-packages.
 """

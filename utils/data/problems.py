@@ -119,7 +119,7 @@ def load_problems(path: str | os.PathLike, dataset_type: str | None = None) -> t
 
 
 def reference_of(record: dict, dataset_type: str) -> str:
-    """What ``utils.answers.grade`` compares against: the ``answer`` (gsm8k) or ``solution`` (math)."""
+    """What ``utils.data.answers.grade`` compares against: the ``answer`` (gsm8k) or ``solution`` (math)."""
     return record[REFERENCE_FIELD[choose("dataset_type", dataset_type, DATASET_TYPES)]]
 
 

