@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from tests.helpers.naive import expected_guided
 from tests.helpers.probes import NucleusCount
 from utils.classifier import ClassifierSpec, QSharpClassifier
-from utils.decoding.engine import ContinuousEngine, left_pad
+from utils.decoding.engine import ContinuousEngine
 from utils.decoding.generate import generate_responses
 from utils.decoding.guidance import QSharpLogitsProcessor
 from utils.decoding.requests import Request
-from utils.models import get_stop_ids
+from utils.models import get_stop_ids, left_pad
 
 BUDGET = 20
 

@@ -224,6 +224,18 @@ def tokenize_texts(
     return batch
 
 
+def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` [batch, max_len] from id lists."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
 def attention_window(config) -> tuple[int | None, bool]:
     """``(window, mixed)``: the sliding attention window of a backbone (None = full attention
     everywhere) and whether some of its layers attend fully, as ``transformers`` masks them.

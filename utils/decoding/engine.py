@@ -34,18 +34,7 @@ from utils.classifier import position_ids_from_mask
 from utils.decoding.kl import sampling_logits
 from utils.decoding.kv_cache import RowCache
 from utils.decoding.requests import Backend, OnFinish, Request
-
-
-def left_pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask`` [batch, max_len] from id lists."""
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+from utils.models import left_pad
 
 
 class ContinuousEngine:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from utils.decoding.engine import left_pad
 from utils.decoding.guidance import QSharpLogitsProcessor
 from utils.decoding.requests import Backend, OnFinish, Request
-from utils.models import response_lengths
+from utils.models import left_pad, response_lengths
 from utils.seeding import batch_seed, set_seed
 
 
