@@ -30,6 +30,7 @@ from tests.helpers.fake_collected import train_flags, write_fake_collected
 from tests.helpers.golden import GOLDEN
 from utils.classifier import QSharpClassifier
 from utils.cli import run
+from utils.training.state import checkpoint_due, eval_due, global_step_after, optimizer_step_due
 
 TRAIN_METRICS = {"Training Loss", "Learning Rate", "Steps per Min", "Gradient Norm"}
 
@@ -40,10 +41,10 @@ def step_timeline(world_size: int, accumulation: int, ckpt_freq: int, num_batche
     ``optimizer_step`` (did the optimizer step after it), ``optimizer_steps_done``, ``checkpoint``."""
     timeline, done = [], 0
     for batch in range(1, num_batches + 1):
-        global_step = train_classifier.global_step_after(batch, world_size)
-        stepped = train_classifier.optimizer_step_due(batch, accumulation)
+        global_step = global_step_after(batch, world_size)
+        stepped = optimizer_step_due(batch, accumulation)
         done += stepped
-        saved = train_classifier.checkpoint_due(global_step, ckpt_freq)
+        saved = checkpoint_due(global_step, ckpt_freq)
         timeline.append({"batch": batch, "global_step": global_step, "optimizer_step": stepped,
                          "optimizer_steps_done": done, "checkpoint": f"ckpt_{global_step}" if saved else None})
     return timeline
@@ -72,8 +73,8 @@ def test_names_count_batches_summed_over_processes():
     assert names(2, 1, 3, 10) == ["ckpt_6", "ckpt_12", "ckpt_18"]
     assert names(2, 1, 2, 3) == ["ckpt_2", "ckpt_4", "ckpt_6"]
     # evaluations: every eval_freq, plus after the first batch of a single process
-    assert [b for b in range(1, 8) if train_classifier.eval_due(train_classifier.global_step_after(b, 1), 3)] == [1, 3, 6]
-    assert [b for b in range(1, 8) if train_classifier.eval_due(train_classifier.global_step_after(b, 2), 3)] == [3, 6]
+    assert [b for b in range(1, 8) if eval_due(global_step_after(b, 1), 3)] == [1, 3, 6]
+    assert [b for b in range(1, 8) if eval_due(global_step_after(b, 2), 3)] == [3, 6]
 
 
 def test_matches_the_golden_timeline():
