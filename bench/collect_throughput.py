@@ -17,8 +17,8 @@ GPU, else the CPU; ``--threads 1`` is the steadiest on a CPU shared with other j
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
 output folders (median), after one untimed run (``--warmup 0`` times the first run too:
 for long real-model runs). ``--engine`` is collection's: ``continuous`` (default) or
-``generate``. Also reported: the share of that time spent decoding (``generate_share``:
-inside ``generate()``, or inside the engine's loop) and ``row_steps_kept``, the share of
+``generate``. Also reported: the share of that time spent decoding (``generate_share``: the
+backend's own time, its callbacks' grading and file writing left out) and ``row_steps_kept``, the share of
 row-steps that produce kept tokens. For ``generate`` it is given for the roll-in, the
 roll-out and ``all`` (the rest pad rows that already ended); for ``continuous`` it is
 ``all``: decoded tokens over ``batch_size`` slots per step (the rest are slots left empty

@@ -62,7 +62,7 @@ class Backend:
     ``batch_size`` is the backend's batch (live rows, or problems per call), ``temperature``
     0 decodes greedily. ``stats`` holds, per request kind, the tokens decoded and the
     row-steps run for them (``all`` where the backend does not tell kinds apart), and the
-    seconds spent in :meth:`run`.
+    seconds spent decoding in :meth:`run` (the callbacks' own time, grading and writing, left out).
     """
 
     name = ""
@@ -102,10 +102,20 @@ class Backend:
         """Decode every request (the ``guided`` ones through ``processor``); ``on_finish(request)``
         is called as each one ends and may return follow-up requests."""
         self.load()
+        callbacks = 0.0
+
+        def timed_finish(request: Request):
+            nonlocal callbacks
+            start = time.perf_counter()
+            try:
+                return on_finish(request)
+            finally:
+                callbacks += time.perf_counter() - start
+
         start = time.perf_counter()
         with torch.no_grad():
-            self._run(list(requests), on_finish, processor)
-        self.stats["seconds"] += time.perf_counter() - start
+            self._run(list(requests), timed_finish, processor)
+        self.stats["seconds"] += time.perf_counter() - start - callbacks
 
     def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
         raise NotImplementedError
