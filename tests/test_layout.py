@@ -194,3 +194,13 @@ def test_readme_module_table_lists_every_utils_module():
                if is_within(name, "utils") and f"`{path.relative_to(REPO)}`" not in table
                and not (path.name == "__init__.py" and "import" not in path.read_text())]
     assert not missing, f"README's module table does not name: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("script", ["collect_training_data", "eval_ckpt"])
+def test_stage_scripts_do_not_branch_on_the_engine(script):
+    """Collection and evaluation name their backend through the registry only: no comparison
+    with ``.engine`` anywhere in the script."""
+    tree = ast.parse(FILES[script].read_text())
+    branches = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Compare)
+                and any(isinstance(part, ast.Attribute) and part.attr == "engine" for part in [node.left, *node.comparators])]
+    assert not branches, f"{script}.py compares .engine at line(s) {branches}: use utils.decoding.backends"

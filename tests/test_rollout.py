@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from utils.decoding.backends import BACKENDS
 from utils.decoding.rollout import collect
@@ -32,3 +33,39 @@ def test_rollout_gets_a_fresh_token_budget(tokenizer, ref_model, engine):
         totals.append(kept + len(rollout))
     assert max(totals) > max_new_tokens
     assert set(backend.stats["tokens"]) == {"roll_in", "roll_out"}
+
+
+def test_generate_backend_runs_whole_chunks_seeded_by_their_first_problem(tokenizer, ref_model):
+    """``--engine generate`` redoes a chunk of ``batch_size`` problems with any file missing (its seed
+    covers the chunk), batches one (seed, repeat, stage) at a time, seeds a batch from its first
+    problem, and runs the follow-ups of a batch next, under the same seed."""
+    from utils.decoding.generate import GenerateBackend
+    from utils.decoding.requests import Request
+    from utils.seeding import batch_seed
+
+    class Recording(GenerateBackend):
+        def _generate(self, batch, processor):
+            self.batches.append(([r.stream for r in batch], torch.initial_seed()))
+            for request in batch:
+                request.tokens = [1]
+
+    backend = Recording.from_model(ref_model, tokenizer, batch_size=3)
+    backend.batches = []
+    done = {(0, 0), (1, 0), (2, 0), (4, 0)}
+    work = backend.pending(list(range(7)), 2, lambda i, r: (i, r) in done)
+    assert work == [(3, 0), (4, 0), (5, 0), (6, 0)] + [(i, 1) for i in range(7)]
+
+    def follow(request):
+        seed, repeat, problem, stage = request.stream
+        return [Request([2], 4, (seed, repeat, problem, "roll_out"))] if stage == "roll_in" else None
+
+    backend.run([Request([5], 4, (47, r, i, "roll_in")) for i, r in work], follow)
+    streams = [([s[2] for s in streams], {s[1] for s in streams}, {s[3] for s in streams}, seed)
+               for streams, seed in backend.batches]
+    assert streams == [
+        ([3, 4, 5], {0}, {"roll_in"}, batch_seed(47, 0, 3)), ([3, 4, 5], {0}, {"roll_out"}, batch_seed(47, 0, 3)),
+        ([6], {0}, {"roll_in"}, batch_seed(47, 0, 6)), ([6], {0}, {"roll_out"}, batch_seed(47, 0, 6)),
+        ([0, 1, 2], {1}, {"roll_in"}, batch_seed(47, 1, 0)), ([0, 1, 2], {1}, {"roll_out"}, batch_seed(47, 1, 0)),
+        ([3, 4, 5], {1}, {"roll_in"}, batch_seed(47, 1, 3)), ([3, 4, 5], {1}, {"roll_out"}, batch_seed(47, 1, 3)),
+        ([6], {1}, {"roll_in"}, batch_seed(47, 1, 6)), ([6], {1}, {"roll_out"}, batch_seed(47, 1, 6)),
+    ]
