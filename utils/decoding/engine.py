@@ -204,8 +204,6 @@ class ContinuousBackend(Backend):
     request sampled from its own stream (a file does not depend on its batch mates, the
     shard, the process count or a restart)."""
 
-    name = "continuous"
-
     def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
         engine = ContinuousEngine(self.model, self.stop_ids, self.tokenizer.pad_token_id, self.batch_size,
                                   temperature=self.temperature, top_p=self.top_p, processor=processor,

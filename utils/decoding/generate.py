@@ -59,8 +59,6 @@ def generate_responses(
 class GenerateBackend(Backend):
     """``--engine generate``: one ``generate()`` call per batch of ``batch_size`` problems."""
 
-    name = "generate"
-
     def pending(self, indices, repeats, done):
         """Every pair of each ``batch_size`` chunk of ``indices`` that has one not ``done``: a
         chunk is sampled whole, as its seed covers it (finished files are not written again)."""

@@ -65,8 +65,6 @@ class Backend:
     seconds spent decoding in :meth:`run` (the callbacks' own time, grading and writing, left out).
     """
 
-    name = ""
-
     def __init__(self, model_id: str, tokenizer, *, dtype: str, device, batch_size: int, temperature: float = 1.0,
                  top_p: float = 1.0, max_batch_tokens: int = 0):
         self.model_id, self.tokenizer, self.dtype, self.device = model_id, tokenizer, dtype, device
