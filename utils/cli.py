@@ -330,10 +330,32 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """``--engine`` and ``--max_batch_tokens`` of collection and evaluation."""
     from utils.decoding.backends import ENGINES
 
-    parser.add_argument("--engine", type=str, default="continuous", choices=ENGINES,
+    def engine(value: str) -> str:
+        from utils.decoding.backends import BACKENDS
+
+        missing = BACKENDS[value].missing() if value in BACKENDS else None
+        if missing:
+            raise argparse.ArgumentTypeError(missing)
+        return value
+
+    parser.add_argument("--engine", type=engine, default="continuous", choices=ENGINES,
                         help="continuous: keep --batch_size live rows, refilled as rows end, each request sampled from "
                              "its own seeded stream; generate: one model.generate() call per --batch_size problems, "
-                             "seeded per batch (the original's loop)")
+                             "seeded per batch (the original's loop); vllm: vLLM serves the reference, the Q# "
+                             "classifier inside its sampler, each request from its own seeded stream "
+                             "(pip install -r requirements-vllm.txt)")
     parser.add_argument("--max_batch_tokens", type=nonneg_int, default=0,
                         help="continuous engine: at most this many padded prompt tokens prefilled in one step "
                              "(0 = no cap; one request always joins)")
+    parser.add_argument("--vllm_gpu_memory_utilization", type=float_in(0.0, 1.0, open_low=True), default=0.9,
+                        help="--engine vllm: share of the GPU's memory vLLM may take (vLLM's gpu_memory_utilization)")
+    parser.add_argument("--vllm_tensor_parallel_size", type=positive_int, default=1,
+                        help="--engine vllm: GPUs one reference is split over (vLLM's tensor_parallel_size; 1 for now)")
+    parser.add_argument("--vllm_max_num_seqs", type=positive_int_or_off, default=-1,
+                        help="--engine vllm: most sequences vLLM decodes at once (vLLM's max_num_seqs); -1 = --batch_size")
+    parser.add_argument("--vllm_enforce_eager", type=int01, default=0,
+                        help="--engine vllm: 1 = no torch.compile / CUDA graphs (vLLM's enforce_eager): faster start, "
+                             "slower decoding")
+    parser.add_argument("--vllm_kv_cache_gib", type=nonneg_float, default=0.0,
+                        help="--engine vllm on a CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; 0 = that variable or "
+                             "vLLM's default)")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from utils.decoding.engine import ContinuousBackend
 from utils.decoding.generate import GenerateBackend
 from utils.decoding.requests import Backend
+from utils.decoding.vllm_engine import VLLMBackend
 from utils.registry import choose
 
-BACKENDS: dict[str, type[Backend]] = {"continuous": ContinuousBackend, "generate": GenerateBackend}
+BACKENDS: dict[str, type[Backend]] = {"continuous": ContinuousBackend, "generate": GenerateBackend, "vllm": VLLMBackend}
 ENGINES = tuple(BACKENDS)  # --engine
 
 
@@ -22,4 +23,4 @@ def backend_for(args, tokenizer, device) -> Backend:
     ``--temperature``, ``--top_p``, ``--max_batch_tokens``) on ``device``."""
     return make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
                         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
-                        max_batch_tokens=args.max_batch_tokens)
+                        max_batch_tokens=args.max_batch_tokens, **choose("--engine", args.engine, BACKENDS).options(args))

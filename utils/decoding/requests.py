@@ -74,6 +74,16 @@ class Backend:
         self.stats = {"seconds": 0.0, "tokens": {}, "row_steps": {}}
 
     @classmethod
+    def missing(cls) -> str | None:
+        """What this backend needs and this environment lacks, as one line (None: nothing)."""
+        return None
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """Constructor settings of this backend's own flags (none here)."""
+        return {}
+
+    @classmethod
     def from_model(cls, model, tokenizer, **settings) -> Backend:
         """A backend on an already loaded reference ``model`` (on its device and dtype); ``settings``
         as the constructor's, ``dtype`` and ``device`` left out."""

@@ -1,0 +1,264 @@
+"""``--engine vllm``: requests decoded by vLLM, the Q# classifier inside vLLM's sampler.
+
+Unguided requests are plain vLLM sampling. Guided ones are tagged in their ``SamplingParams``
+(``extra_args``) and go through :class:`QSharpV1Processor`, a vLLM (V1 interface) logits
+processor that hosts this project's :class:`~utils.decoding.guidance.QSharpLogitsProcessor`
+on the same device: it follows vLLM's rows as they join, leave and move (``update_state``),
+tells the Q# processor which of its rows stayed and which joined (``update_rows``), adds the
+offsets to the raw logits, before temperature and top-p (``apply``), and records the
+original's KL of every guided token from the logits it holds (no second pass).
+
+Every request is seeded by its own stream (``SamplingParams.seed = request_seed(...)``), so a
+file does not depend on its batch mates, the shard or a restart. vLLM's sampler draws other
+samples than ``generate()``'s or the continuous engine's, the same in distribution; greedy
+decoding gives the same tokens. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+the ``uni`` executor), so that the hosted processor and its KL records are this process's
+objects; a reference that needs ``--vllm_tensor_parallel_size`` > 1 is not supported yet.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+
+import torch
+
+from utils.decoding.kl import sampling_logits
+from utils.decoding.requests import Backend, OnFinish, Request
+from utils.models import get_stop_ids
+
+INSTALL = "pip install -r requirements-vllm.txt"
+HOST_KEY = "qsharp_host"  # vllm_config.additional_config entry naming the Host of an engine
+_HOSTS: dict[str, Host] = {}  # the hosts of this process's engines, by key
+
+
+def import_vllm():
+    """The ``vllm`` package, or one line saying how to install it."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the processor lives in this process
+    try:
+        import vllm
+    except ImportError as error:
+        raise SystemExit(f"error: --engine vllm needs vLLM ({error}); install it with: {INSTALL}") from None
+    return vllm
+
+
+class Host:
+    """What one vLLM engine's processor reads: the Q# processor of the current run, the sampling
+    settings the KL is taken at, and the KL recorded per request id."""
+
+    def __init__(self):
+        self.guidance = None  # the QSharpLogitsProcessor of the current run (None: no guided request)
+        self.temperature, self.top_p = 1.0, 1.0  # of the current run's KL
+        self.kl: dict[str, tuple[list[float], list[float]]] = {}  # request id -> (after, before top-p)
+        self.rows = None  # the engine's QSharpV1Processor, once vLLM built it
+
+
+class VLLMRows:
+    """vLLM's rows, as its batch updates describe them, and the Q# processor's rows that follow
+    the guided ones: per step, which followed rows stay (in vLLM's order) and which join.
+
+    A followed row stays when it emitted exactly one token since the processor last read it;
+    any other row (new, resumed, or one whose last step was a partial prefill, which emitted
+    nothing) joins afresh with its prompt and the tokens it has so far."""
+
+    def __init__(self):
+        self.slots: dict[int, tuple[str, list[int], list[int]]] = {}  # batch index -> (id, prompt, live outputs)
+        self.followed: list[str] = []  # request ids in the Q# processor's row order
+        self.read: dict[str, int] = {}  # request id -> output tokens the classifier has read
+
+    def reset(self) -> None:
+        """Forget the followed rows (the Q# processor was reset)."""
+        self.followed, self.read = [], {}
+
+    def update(self, batch_update) -> None:
+        """Apply vLLM's ``BatchUpdate``: removed, then added, then moved (``SWAP`` or one-way)."""
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.slots.pop(index, None)
+        for index, params, prompt, outputs in batch_update.added:
+            tag = (params.extra_args or {}).get(HOST_KEY) if params is not None else None
+            if tag is None:
+                self.slots.pop(index, None)
+            else:
+                self.slots[index] = (tag, list(prompt or []), outputs)
+        for first, second, direction in batch_update.moved:
+            a, b = self.slots.pop(first, None), self.slots.pop(second, None)
+            if a is not None:
+                self.slots[second] = a
+            if b is not None and direction.name == "SWAP":
+                self.slots[first] = b
+
+    def plan(self) -> tuple[list[int], list[int], list[int], list[list[int]], list[int]]:
+        """This step's guided batch rows in the Q# processor's new order: the staying ones, then
+        the joiners. Returns (batch rows, keep indices into the old order, new ids of the
+        staying rows, the joiners' token lists, batch rows of the joiners)."""
+        position = {request: i for i, request in enumerate(self.followed)}
+        stay_rows, keep, new_ids, join_tokens, join_rows = [], [], [], [], []
+        for index in sorted(self.slots):
+            request, prompt, outputs = self.slots[index]
+            if request in position and len(outputs) == self.read[request] + 1:
+                stay_rows.append(index)
+                keep.append(position[request])
+                new_ids.append(outputs[-1])
+                self.read[request] += 1
+            else:
+                join_rows.append(index)
+                join_tokens.append(prompt + list(outputs))
+                self.read[request] = len(outputs)
+        self.followed = [self.slots[i][0] for i in stay_rows + join_rows]
+        return stay_rows + join_rows, keep, new_ids, join_tokens, join_rows
+
+
+def _processor_class():
+    """:class:`QSharpV1Processor`, defined once vLLM is imported (its base class is vLLM's)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class QSharpV1Processor(LogitsProcessor):
+        """vLLM's V1 logits-processor interface around the Q# processor of the engine's :class:`Host`."""
+
+        def __init__(self, vllm_config, device, is_pin_memory):
+            self.host = _HOSTS[(vllm_config.additional_config or {})[HOST_KEY]]
+            self.host.rows = self.rows = VLLMRows()
+            self.device = device
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes the argmax: vLLM runs it before temperature and top-p
+
+        def update_state(self, batch_update) -> None:
+            self.rows.update(batch_update)
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            guidance = self.host.guidance
+            if guidance is None or not self.rows.slots:
+                return logits
+            rows, keep, new_ids, join_tokens, join_rows = self.rows.plan()
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            scores = logits[index].float()  # [guided, vocab] raw
+            if guidance.is_noop:
+                guided = scores
+            else:
+                from utils.models import left_pad
+
+                pad = guidance.pad_token_id if guidance.pad_token_id is not None else 0
+                join = left_pad(join_tokens, pad, logits.device) if join_tokens else None
+                guidance.update_rows(torch.tensor(keep, dtype=torch.long, device=logits.device), join)
+                stay = torch.tensor(new_ids, dtype=torch.long, device=logits.device)[:, None] if new_ids else None
+                guided = guidance.guide_rows(scores, stay)
+                logits[index] = guided.to(logits.dtype)
+            if guidance.records_kl:
+                warped = sampling_logits(guided, self.host.temperature, self.host.top_p)
+                kl, plain = guidance.kl.step(guided, scores, warped)
+                for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
+                    request, _, outputs = self.rows.slots[row]
+                    after, before = self.host.kl.setdefault(request, ([], []))
+                    del after[len(outputs):], before[len(outputs):]  # a step that emitted nothing (partial prefill)
+                    after.append(a)
+                    before.append(b)
+            return logits
+
+    return QSharpV1Processor
+
+
+class VLLMBackend(Backend):
+    """``--engine vllm``: the reference served by vLLM (``LLM``), its engine stepped here so that a
+    request's follow-ups join as soon as it ends; every request seeded from its own stream."""
+
+    def __init__(self, model_id: str, tokenizer, *, vllm_settings: dict | None = None, **settings):
+        super().__init__(model_id, tokenizer, **settings)
+        self.vllm_settings = dict(vllm_settings or {})
+        self.host = Host()
+        self.key = uuid.uuid4().hex
+        self.llm = None
+
+    @classmethod
+    def missing(cls) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec("vllm") else f"vLLM is not installed; install it with: {INSTALL}"
+
+    @classmethod
+    def options(cls, args) -> dict:
+        """vLLM's own settings from the ``--vllm_*`` flags."""
+        return {"vllm_settings": {
+            "gpu_memory_utilization": args.vllm_gpu_memory_utilization, "tensor_parallel_size": args.vllm_tensor_parallel_size,
+            "max_num_seqs": args.vllm_max_num_seqs if args.vllm_max_num_seqs > 0 else None,
+            "enforce_eager": bool(args.vllm_enforce_eager), "kv_cache_gib": args.vllm_kv_cache_gib,
+        }}
+
+    def load(self) -> None:
+        """Start the vLLM engine, once (``--vllm_*`` settings; the KV-cache space on the CPU)."""
+        if self.llm is not None:
+            return
+        vllm = import_vllm()
+        settings = dict(self.vllm_settings)
+        if settings.pop("tensor_parallel_size", 1) != 1:
+            raise ValueError("--vllm_tensor_parallel_size above 1 is not supported yet: the Q# processor runs in "
+                             "this process, which vLLM's tensor-parallel workers are not")
+        kv_gib = settings.pop("kv_cache_gib", None)
+        if kv_gib:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+        _HOSTS[self.key] = self.host
+        self.llm = vllm.LLM(
+            model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
+            max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size, distributed_executor_backend="uni",
+            logits_processors=[_processor_class()], additional_config={HOST_KEY: self.key},
+            enable_prefix_caching=True, **settings,
+        )
+        self.model = self.llm  # loaded
+        self.stop_ids = get_stop_ids(_generation_config(self.model_id), self.tokenizer)
+
+    def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
+        from vllm import SamplingParams
+
+        engine = self.llm.llm_engine
+        guided_run = processor is not None and (not processor.is_noop or processor.records_kl)
+        if guided_run:
+            processor.check_sampling(self.temperature, self.top_p)
+            processor.reset(stop_ids=list(self.stop_ids))
+        self.host.guidance = processor if guided_run else None
+        sampled = self.temperature > 0  # greedy decoding: KL at T 1 without top-p
+        self.host.temperature, self.host.top_p = (self.temperature, self.top_p) if sampled else (1.0, 1.0)
+        if self.host.rows is not None:
+            self.host.rows.reset()
+        self.host.kl.clear()
+        counter = itertools.count()
+        live: dict[str, Request] = {}
+
+        def add(request: Request) -> None:
+            request_id = f"{self.key}-{next(counter)}"
+            sampled = self.temperature > 0
+            params = SamplingParams(
+                temperature=self.temperature if sampled else 0.0, top_p=self.top_p if sampled else 1.0,
+                seed=request.seed, max_tokens=request.max_new_tokens, stop_token_ids=list(self.stop_ids),
+                ignore_eos=True, detokenize=False,
+                extra_args={HOST_KEY: request_id} if request.guided and guided_run else None,
+            )
+            live[request_id] = request
+            engine.add_request(request_id, {"prompt_token_ids": list(request.prompt)}, params)
+
+        for request in requests:
+            add(request)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if not output.finished:
+                    continue
+                request = live.pop(output.request_id)
+                request.tokens = list(output.outputs[0].token_ids)
+                if output.request_id in self.host.kl:
+                    after, before = self.host.kl.pop(output.request_id)
+                    request.token_kl, request.token_kl_before_top_p = after[: len(request.tokens)], before[: len(request.tokens)]
+                self._count("tokens", request.kind, len(request.tokens))
+                for follow in on_finish(request) or []:
+                    add(follow)
+
+
+def _generation_config(model_id: str):
+    """The generation config ``generate()`` would use for ``model_id`` (its file, else the model config's)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_id)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_id))
