@@ -174,3 +174,76 @@ def test_greedy_equals_generate_with_chunked_prefill(vllm_pair, prompts):
     done = run(backend, requests, processor_for(pair, "V", kl_temperature=1.0))
     assert [done[i].tokens for i in range(len(prompts))] == [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
     assert all(len(r.token_kl) == len(r.tokens) for r in done.values())
+
+
+@needs_vllm
+def test_collection_restarts_to_the_same_files_and_keeps_its_engine(vllm_pair, tmp_path):
+    """``collect_training_data.py --engine vllm``, guided (eta 5): files deleted and collected again
+    come back byte for byte; the folder refuses another engine."""
+    from tests.helpers.stages import stage
+    from utils.demo.synthetic import write_synthetic_dataset
+
+    paths = write_synthetic_dataset(tmp_path / "data", 6, 0, seed=0)
+    out = tmp_path / "collected"
+    argv = ["--is_first_round", "1", "--end_index", "6", "--num_samples", "2", "--ref_model_id", str(vllm_pair.root / "ref"),
+            "--classifier_model_id", str(vllm_pair.root / "classifier"), "--data_path", str(paths["train"]),
+            "--train_eval_save_path", str(paths["train_eval"]), "--use_chat_template", "0", "--max_new_tokens", "16",
+            "--temperature", "0.8", "--top_p", "0.9", "--eta", "5", "--dtype", "float32", "--batch_size", "4",
+            "--output_dir", str(out), "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1"]
+    stage(tmp_path, "collect_training_data.py", *argv, "--engine", "vllm")
+    files = {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))}
+    assert len(files) == 12
+    for name in ("0_r0.json", "3_r1.json", "5_r0.json"):
+        (out / name).unlink()
+    stage(tmp_path, "collect_training_data.py", *argv, "--engine", "vllm")
+    assert {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))} == files
+    with pytest.raises(AssertionError, match="engine"):
+        stage(tmp_path, "collect_training_data.py", *argv, "--engine", "continuous")
+
+
+@needs_vllm
+def test_bad_input_is_one_line(vllm_pair, tmp_path, prompts):
+    """A budget beyond the model's length, and a model vLLM cannot serve (a head dimension of 16),
+    each end with one ValueError line."""
+    from utils.decoding.vllm_engine import VLLMBackend
+    from utils.demo.tiny_models import write_tiny_models
+
+    too_long = [Request(prompts[0], 5000, (0, 0, 0, "eval"), tag=0)]
+    with pytest.raises(ValueError, match="--max_new_tokens 5000 exceeds the 2048 tokens"):
+        run(vllm_pair.backend, too_long, None)
+    tiny = write_tiny_models(tmp_path / "tiny")  # head dimension 16
+    backend = VLLMBackend(str(tiny["ref"]), vllm_pair.tokenizer, dtype="float32", device="cpu", batch_size=2,
+                          temperature=0.0, vllm_settings={"enforce_eager": True, "kv_cache_gib": 1})
+    with pytest.raises(ValueError) as caught:
+        backend.load()
+        run(backend, [Request(prompts[0], 4, (0, 0, 0, "eval"), tag=0)], None)
+    assert "vLLM" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@needs_vllm
+def test_eval_sweep_on_vllm(vllm_pair, tmp_path):
+    """``eval_ckpt.py --engine vllm`` over etas 0 and 3 with one engine: every sample file, the KL
+    recorded per token (about -log(nucleus mass) per token at eta 0 with top-p 0.9)."""
+    import json
+
+    from tests.helpers.stages import stage
+    from utils.classifier import ClassifierSpec, QSharpClassifier
+    from utils.demo.synthetic import write_synthetic_dataset
+
+    paths = write_synthetic_dataset(tmp_path / "data", 0, 6, seed=0)
+    ckpt = tmp_path / "exp" / "ckpt_0"
+    classifier = QSharpClassifier.from_causal_lm(str(vllm_pair.root / "classifier"), ClassifierSpec("V", "bce"),
+                                                 init_mode="random", dtype="float32", seed=1)
+    classifier.save_pretrained(ckpt, tokenizer=vllm_pair.tokenizer)
+    (tmp_path / "exp" / "args.json").write_text(json.dumps({
+        "ref_model_id": str(vllm_pair.root / "ref"), "classifier_model_id": str(vllm_pair.root / "classifier"),
+        "classifier_type": "V", "loss_type": "bce", "inference_mode": "bernoulli", "use_chat_template": 0,
+        "dtype": "float32", "original_problems_path": str(paths["test"]), "train_eval_save_path": str(paths["test_eval"])}))
+    out = stage(tmp_path, "eval_ckpt.py", "--classifier_ckpt_path", str(ckpt), "--eta", "0", "3", "--num_samples", "2",
+                "--max_new_tokens", "12", "--temperature", "0.8", "--top_p", "0.9", "--batch_size", "4",
+                "--engine", "vllm", "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1")
+    assert out.count("eval [eta_") == 2
+    for eta in ("0.0", "3.0"):
+        samples = [json.loads(p.read_text()) for p in (ckpt / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8").glob("*_r*.json")]
+        assert len(samples) == 12
+        assert all(len(s["token_kl"]) == s["num_response_tokens"] and s["traj_kl"] > 0 for s in samples)

@@ -356,6 +356,6 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm_enforce_eager", type=int01, default=0,
                         help="--engine vllm: 1 = no torch.compile / CUDA graphs (vLLM's enforce_eager): faster start, "
                              "slower decoding")
-    parser.add_argument("--vllm_kv_cache_gib", type=nonneg_float, default=0.0,
+    parser.add_argument("--vllm_kv_cache_gib", type=nonneg_int, default=0,
                         help="--engine vllm on a CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE; 0 = that variable or "
                              "vLLM's default)")

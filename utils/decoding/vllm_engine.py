@@ -198,14 +198,18 @@ class VLLMBackend(Backend):
                              "this process, which vLLM's tensor-parallel workers are not")
         kv_gib = settings.pop("kv_cache_gib", None)
         if kv_gib:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_gib))
         _HOSTS[self.key] = self.host
-        self.llm = vllm.LLM(
-            model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
-            max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size, distributed_executor_backend="uni",
-            logits_processors=[_processor_class()], additional_config={HOST_KEY: self.key},
-            enable_prefix_caching=True, **settings,
-        )
+        try:
+            self.llm = vllm.LLM(
+                model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
+                max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size, distributed_executor_backend="uni",
+                logits_processors=[_processor_class()], additional_config={HOST_KEY: self.key},
+                enable_prefix_caching=True, **settings,
+            )
+        except Exception as error:  # noqa: BLE001  (vLLM raises many types; the user gets one line)
+            raise ValueError(f"vLLM could not start {self.model_id}: {_last_line(error)}") from error
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.model = self.llm  # loaded
         self.stop_ids = get_stop_ids(_generation_config(self.model_id), self.tokenizer)
 
@@ -227,6 +231,9 @@ class VLLMBackend(Backend):
         live: dict[str, Request] = {}
 
         def add(request: Request) -> None:
+            if len(request.prompt) + request.max_new_tokens > self.max_model_len:
+                raise ValueError(f"a prompt of {len(request.prompt)} tokens plus --max_new_tokens {request.max_new_tokens} "
+                                 f"exceeds the {self.max_model_len} tokens vLLM serves {self.model_id} with")
             request_id = f"{self.key}-{next(counter)}"
             sampled = self.temperature > 0
             params = SamplingParams(
@@ -241,7 +248,11 @@ class VLLMBackend(Backend):
         for request in requests:
             add(request)
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            try:
+                outputs = engine.step()
+            except Exception as error:  # noqa: BLE001  (the engine is dead; the user gets one line)
+                raise ValueError(f"vLLM stopped while decoding: {_last_line(error)}") from error
+            for output in outputs:
                 if not output.finished:
                     continue
                 request = live.pop(output.request_id)
@@ -262,3 +273,11 @@ def _generation_config(model_id: str):
         return GenerationConfig.from_pretrained(model_id)
     except OSError:
         return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_id))
+
+
+def _last_line(error: BaseException) -> str:
+    """The gist of a vLLM error: its root cause's message, on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
