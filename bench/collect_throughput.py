@@ -159,7 +159,8 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
         "--batch_size", str(args.batch_size), "--max_new_tokens", str(args.max_new_tokens),
         "--eta", str(args.eta), "--classifier_type", "V", "--use_chat_template", str(args.use_chat_template),
         "--temperature", "0.8", "--top_p", "0.9", "--match_fn_type", args.match_fn_type, "--dtype", args.dtype,
-        "--engine", args.engine,
+        "--engine", args.engine, "--vllm_enforce_eager", str(args.vllm_enforce_eager),
+        "--vllm_kv_cache_gib", str(args.vllm_kv_cache_gib),
     ]
     collect_args = collect_training_data.parse_args(argv)
     start = time.perf_counter()
@@ -238,8 +239,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=2, help="repeats per problem")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="live rows (continuous engine) or problems per generate call (generate engine)")
-    parser.add_argument("--engine", type=str, default="continuous", choices=["continuous", "generate"],
-                        help="collection's --engine")
+    parser.add_argument("--engine", type=str, default="continuous", choices=["continuous", "generate", "vllm"],
+                        help="collection's --engine (vllm: a model with a head dimension of 32 or more, e.g. the real pair)")
+    parser.add_argument("--vllm_enforce_eager", type=int, default=0, choices=[0, 1],
+                        help="--engine vllm: 1 = no torch.compile (faster start, slower decoding)")
+    parser.add_argument("--vllm_kv_cache_gib", type=int, default=2, help="--engine vllm on a CPU: GiB of KV cache")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="response budget")
     parser.add_argument("--eta", type=float, default=0.0, help="0: round 1 (reference); > 0: guided by a zero V head")
     parser.add_argument("--match_fn_type", type=str, default="symbolic", help="answer matcher")
