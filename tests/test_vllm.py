@@ -1,20 +1,24 @@
 """``--engine vllm`` (``utils.decoding.vllm_engine``): vLLM's rows as the processor follows them
-(always), and, with vLLM installed, greedy float32 equality with ``generate()`` unguided and
-Q/V guided, the KL against the continuous engine's, and seeded samples independent of their
-batch mates. One vLLM engine for the module (eager, 1 GiB of KV cache)."""
+(always), and, with vLLM installed: greedy float32 equality with ``generate()`` unguided and Q/V
+guided (also with chunked prefill), the KL against the continuous engine's, seeded samples
+independent of their batch mates, one-line errors, and the stage scripts on vLLM.
+
+vLLM never runs in the test process (it initialises ``torch.distributed`` and sets environment
+variables there): ``tests/helpers/vllm_checks.py`` runs the engine checks in a process of its
+own, once for the module, and the stage scripts run as real processes."""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils.decoding.requests import Request
+from tests.helpers.stages import REPO
 from utils.decoding.vllm_engine import HOST_KEY, VLLMRows
 
-BUDGET = 20
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
@@ -61,189 +65,141 @@ def test_rows_follow_joins_moves_swaps_and_partial_prefills():
     assert rows.followed == ["b", "c"]
 
 
-# ----------------------------------------------------------------------------- a vLLM engine
+# ----------------------------------------------------------------------------- vLLM engines, in their own processes
 
 
 @pytest.fixture(scope="module")
-def vllm_pair(tmp_path_factory):
-    """A tiny reference and classifier vLLM can serve (head dimension 32), and the backend."""
-    from utils.decoding.vllm_engine import VLLMBackend
-    from utils.demo.tiny_models import build_model, build_tokenizer
-    from utils.models import load_causal_lm, load_tokenizer
+def vllm_models(tmp_path_factory):
+    from tests.helpers.vllm_checks import write_vllm_pair
 
     root = tmp_path_factory.mktemp("vllm_models")
-    tokenizer = build_tokenizer()
-    for name, (hidden, layers, heads) in {"ref": (64, 4, 2), "classifier": (32, 2, 1)}.items():
-        build_model("llama", tokenizer, hidden, layers, heads, seed=3).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    tokenizer = load_tokenizer(str(root / "ref"))
-    backend = VLLMBackend(str(root / "ref"), tokenizer, dtype="float32", device="cpu", batch_size=4, temperature=0.0,
-                          vllm_settings={"enforce_eager": True, "kv_cache_gib": 1})
-    backend.load()
-    return SimpleNamespace(root=root, tokenizer=tokenizer, backend=backend,
-                           ref=load_causal_lm(str(root / "ref"), "float32", "cpu"))
+    write_vllm_pair(root)
+    return root
 
 
 @pytest.fixture(scope="module")
-def prompts(vllm_pair):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(5, len(vllm_pair.tokenizer), (n,), generator=g).tolist() for n in (3, 15, 7, 11, 4, 9, 21)]
+def checks(vllm_models):
+    """The results of ``tests/helpers/vllm_checks.py`` (one process, two engines)."""
+    import json
+    import subprocess
+    import sys
 
+    from tests.helpers.scripts import ENV, TIMEOUT
 
-def processor_for(pair, classifier_type, **kwargs):
-    from utils.classifier import ClassifierSpec, QSharpClassifier
-    from utils.decoding.guidance import QSharpLogitsProcessor
-
-    if classifier_type is None:
-        return None
-    classifier = QSharpClassifier.from_causal_lm(str(pair.root / "classifier"), ClassifierSpec(classifier_type, "bce"),
-                                                 init_mode="random", dtype="float32", seed=1).eval()
-    return QSharpLogitsProcessor(classifier, eta=3.0, top_k=5, pad_token_id=pair.tokenizer.pad_token_id, **kwargs)
-
-
-def run(backend, requests, processor, temperature=0.0, top_p=1.0):
-    backend.temperature, backend.top_p = temperature, top_p
-    done = {}
-    backend.run(requests, lambda r: done.__setitem__(r.tag, r), processor)
-    return done
+    out = vllm_models / "checks.json"
+    result = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_checks", str(vllm_models), str(out)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @needs_vllm
-@pytest.mark.parametrize("classifier_type", [None, "Q", "V"])
-def test_greedy_equals_generate(vllm_pair, prompts, classifier_type):
+@pytest.mark.parametrize("classifier_type", ["None", "Q", "V"])
+def test_greedy_equals_generate(checks, classifier_type):
     """Temperature 0, float32: token for token ``generate()``'s output, unguided and Q/V guided,
-    prompts of mixed lengths joining a batch of 4."""
-    from utils.decoding.generate import generate_responses
-    from utils.models import left_pad
-
-    pair, pad = vllm_pair, vllm_pair.tokenizer.pad_token_id
-    ids, lengths = generate_responses(pair.ref, left_pad(prompts, pad), pair.backend.stop_ids, pad, BUDGET, temperature=0,
-                                      processor=processor_for(pair, classifier_type))
-    expected = [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
-    requests = [Request(p, BUDGET, (0, 0, i, "eval"), guided=True, tag=i) for i, p in enumerate(prompts)]
-    done = run(pair.backend, requests, processor_for(pair, classifier_type, kl_temperature=1.0))
-    assert [done[i].tokens for i in range(len(prompts))] == expected
-    if classifier_type is not None:
-        assert all(len(done[i].token_kl) == len(done[i].tokens) for i in done)
+    seven prompts of 3 to 21 tokens joining a batch of 4."""
+    result = checks[f"greedy_{classifier_type}"]
+    assert result["vllm"] == result["generate"]
+    recorded = [len(tokens) for tokens in result["vllm"]] if classifier_type != "None" else [0] * len(result["vllm"])
+    assert result["kl_lengths"] == recorded  # guided: one KL value per token; unguided requests record none
 
 
 @needs_vllm
-def test_kl_equals_the_continuous_engine(vllm_pair, prompts):
-    """The KL recorded inside vLLM equals the continuous engine's on the same (greedy) tokens."""
-    from utils.decoding.engine import ContinuousBackend
-
-    pair = vllm_pair
-    requests = lambda: [Request(p, BUDGET, (0, 0, i, "eval"), guided=True, tag=i) for i, p in enumerate(prompts)]  # noqa: E731
-    ours = run(pair.backend, requests(), processor_for(pair, "V", kl_temperature=1.0))
-    engine = ContinuousBackend.from_model(pair.ref, pair.tokenizer, batch_size=3, temperature=0.0)
-    theirs = {}
-    engine.run(requests(), lambda r: theirs.__setitem__(r.tag, r), processor_for(pair, "V", kl_temperature=1.0))
-    for i in range(len(prompts)):
-        assert ours[i].tokens == theirs[i].tokens
-        torch.testing.assert_close(torch.tensor(ours[i].token_kl), torch.tensor(theirs[i].token_kl), atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.tensor(ours[i].token_kl_before_top_p),
-                                   torch.tensor(theirs[i].token_kl_before_top_p), atol=1e-5, rtol=0)
+def test_greedy_equals_generate_with_chunked_prefill(checks):
+    """Prefills chunked at 24 tokens (a row whose step was a partial prefill emits nothing and is read
+    again): V-guided greedy output still equals ``generate()``'s, with one KL value per token."""
+    result = checks["chunked"]
+    assert result["vllm"] == result["generate"]
+    assert result["kl_lengths"] == [len(tokens) for tokens in result["vllm"]]
 
 
 @needs_vllm
-def test_sample_does_not_depend_on_batch_mates(vllm_pair, prompts):
+def test_kl_equals_the_continuous_engine(checks):
+    """The KL recorded inside vLLM equals the continuous engine's on the same (greedy) tokens, within 1e-5."""
+    (ours, kl, plain), (theirs, their_kl, their_plain) = checks["kl"]["vllm"], checks["kl"]["engine"]
+    assert ours == theirs
+    for a, b in ((kl, their_kl), (plain, their_plain)):
+        for row_a, row_b in zip(a, b):
+            torch.testing.assert_close(torch.tensor(row_a), torch.tensor(row_b), atol=1e-5, rtol=0)
+
+
+@needs_vllm
+def test_sample_does_not_depend_on_batch_mates(checks):
     """Temperature 0.8, top-p 0.9, V-guided: a request's tokens are the same alone and among others."""
-    pair = vllm_pair
-    target = lambda: Request(prompts[2], BUDGET, (5, 1, 2, "roll_in"), guided=True, tag="target")  # noqa: E731
-    alone = run(pair.backend, [target()], processor_for(pair, "V"), 0.8, 0.9)["target"]
-    others = [Request(p, BUDGET, (5, 1, i, "roll_in"), guided=True, tag=i) for i, p in enumerate(prompts) if i != 2]
-    among = run(pair.backend, others[:3] + [target()] + others[3:], processor_for(pair, "V"), 0.8, 0.9)["target"]
-    assert len(alone.tokens) > 3 and among.tokens == alone.tokens
+    assert len(checks["batch_mates"]["alone"]) > 3
+    assert checks["batch_mates"]["among"] == checks["batch_mates"]["alone"]
 
 
 @needs_vllm
-def test_greedy_equals_generate_with_chunked_prefill(vllm_pair, prompts):
-    """Prefills chunked at 24 tokens (a row whose step was a partial prefill emits nothing and is
-    read again): V-guided greedy output still equals ``generate()``'s, and the KL has one value per token."""
-    from utils.decoding.generate import generate_responses
-    from utils.decoding.vllm_engine import VLLMBackend
-    from utils.models import left_pad
+def test_bad_input_is_one_line(checks):
+    """A budget beyond the model's length, and a model vLLM cannot serve, each end in one ValueError line."""
+    assert "--max_new_tokens 5000 exceeds the 2048 tokens" in checks["too_long"]
+    assert checks["unservable"].startswith("vLLM stopped while decoding: RuntimeError: Unsupported CPU attention")
+    assert "\n" not in checks["unservable"]
 
-    pair, pad = vllm_pair, vllm_pair.tokenizer.pad_token_id
-    backend = VLLMBackend(str(pair.root / "ref"), pair.tokenizer, dtype="float32", device="cpu", batch_size=4,
-                          temperature=0.0, vllm_settings={"enforce_eager": True, "kv_cache_gib": 1,
-                                                          "max_num_batched_tokens": 24})
-    ids, lengths = generate_responses(pair.ref, left_pad(prompts, pad), pair.backend.stop_ids, pad, BUDGET, temperature=0,
-                                      processor=processor_for(pair, "V"))
-    requests = [Request(p, BUDGET, (0, 0, i, "eval"), guided=True, tag=i) for i, p in enumerate(prompts)]
-    done = run(backend, requests, processor_for(pair, "V", kl_temperature=1.0))
-    assert [done[i].tokens for i in range(len(prompts))] == [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
-    assert all(len(r.token_kl) == len(r.tokens) for r in done.values())
+
+def collect_command(models: Path, paths: dict, out: Path, engine: str) -> list[str]:
+    from tests.helpers.scripts import command
+
+    return command("collect_training_data.py", "--is_first_round", "1", "--end_index", "6", "--num_samples", "2",
+                   "--ref_model_id", str(models / "ref"), "--classifier_model_id", str(models / "classifier"),
+                   "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
+                   "--use_chat_template", "0", "--max_new_tokens", "16", "--temperature", "0.8", "--top_p", "0.9",
+                   "--eta", "5", "--dtype", "float32", "--batch_size", "4", "--output_dir", str(out), "--engine", engine,
+                   "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1")
 
 
 @needs_vllm
-def test_collection_restarts_to_the_same_files_and_keeps_its_engine(vllm_pair, tmp_path):
+def test_collection_restarts_to_the_same_files_and_keeps_its_engine(vllm_models, tmp_path):
     """``collect_training_data.py --engine vllm``, guided (eta 5): files deleted and collected again
-    come back byte for byte; the folder refuses another engine."""
-    from tests.helpers.stages import stage
+    come back byte for byte; the folder refuses another engine with one line."""
+    import subprocess
+
+    from tests.helpers.scripts import ENV, TIMEOUT, finish, start
     from utils.demo.synthetic import write_synthetic_dataset
 
     paths = write_synthetic_dataset(tmp_path / "data", 6, 0, seed=0)
     out = tmp_path / "collected"
-    argv = ["--is_first_round", "1", "--end_index", "6", "--num_samples", "2", "--ref_model_id", str(vllm_pair.root / "ref"),
-            "--classifier_model_id", str(vllm_pair.root / "classifier"), "--data_path", str(paths["train"]),
-            "--train_eval_save_path", str(paths["train_eval"]), "--use_chat_template", "0", "--max_new_tokens", "16",
-            "--temperature", "0.8", "--top_p", "0.9", "--eta", "5", "--dtype", "float32", "--batch_size", "4",
-            "--output_dir", str(out), "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1"]
-    stage(tmp_path, "collect_training_data.py", *argv, "--engine", "vllm")
+    finish(start(tmp_path, collect_command(vllm_models, paths, out, "vllm"), tmp_path / "first.log"), tmp_path / "first.log")
     files = {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))}
     assert len(files) == 12
     for name in ("0_r0.json", "3_r1.json", "5_r0.json"):
         (out / name).unlink()
-    stage(tmp_path, "collect_training_data.py", *argv, "--engine", "vllm")
+    finish(start(tmp_path, collect_command(vllm_models, paths, out, "vllm"), tmp_path / "again.log"), tmp_path / "again.log")
     assert {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))} == files
-    with pytest.raises(AssertionError, match="engine"):
-        stage(tmp_path, "collect_training_data.py", *argv, "--engine", "continuous")
+    other = subprocess.run(collect_command(vllm_models, paths, out, "continuous"), cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=TIMEOUT)
+    assert other.returncode == 2 and "engine" in other.stderr.strip().splitlines()[-1]
 
 
 @needs_vllm
-def test_bad_input_is_one_line(vllm_pair, tmp_path, prompts):
-    """A budget beyond the model's length, and a model vLLM cannot serve (a head dimension of 16),
-    each end with one ValueError line."""
-    from utils.decoding.vllm_engine import VLLMBackend
-    from utils.demo.tiny_models import write_tiny_models
-
-    too_long = [Request(prompts[0], 5000, (0, 0, 0, "eval"), tag=0)]
-    with pytest.raises(ValueError, match="--max_new_tokens 5000 exceeds the 2048 tokens"):
-        run(vllm_pair.backend, too_long, None)
-    tiny = write_tiny_models(tmp_path / "tiny")  # head dimension 16
-    backend = VLLMBackend(str(tiny["ref"]), vllm_pair.tokenizer, dtype="float32", device="cpu", batch_size=2,
-                          temperature=0.0, vllm_settings={"enforce_eager": True, "kv_cache_gib": 1})
-    with pytest.raises(ValueError) as caught:
-        backend.load()
-        run(backend, [Request(prompts[0], 4, (0, 0, 0, "eval"), tag=0)], None)
-    assert "vLLM" in str(caught.value) and "\n" not in str(caught.value)
-
-
-@needs_vllm
-def test_eval_sweep_on_vllm(vllm_pair, tmp_path):
-    """``eval_ckpt.py --engine vllm`` over etas 0 and 3 with one engine: every sample file, the KL
-    recorded per token (about -log(nucleus mass) per token at eta 0 with top-p 0.9)."""
+def test_eval_sweep_on_vllm(vllm_models, tmp_path):
+    """``eval_ckpt.py --engine vllm`` over etas 0 and 3 with one engine: every sample file, with the KL
+    recorded per token (at eta 0 about -log(nucleus mass) per token, top-p 0.9)."""
     import json
 
-    from tests.helpers.stages import stage
+    from tests.helpers.scripts import command, finish, start
     from utils.classifier import ClassifierSpec, QSharpClassifier
     from utils.demo.synthetic import write_synthetic_dataset
+    from utils.models import load_tokenizer
 
     paths = write_synthetic_dataset(tmp_path / "data", 0, 6, seed=0)
     ckpt = tmp_path / "exp" / "ckpt_0"
-    classifier = QSharpClassifier.from_causal_lm(str(vllm_pair.root / "classifier"), ClassifierSpec("V", "bce"),
+    classifier = QSharpClassifier.from_causal_lm(str(vllm_models / "classifier"), ClassifierSpec("V", "bce"),
                                                  init_mode="random", dtype="float32", seed=1)
-    classifier.save_pretrained(ckpt, tokenizer=vllm_pair.tokenizer)
+    classifier.save_pretrained(ckpt, tokenizer=load_tokenizer(str(vllm_models / "ref")))
     (tmp_path / "exp" / "args.json").write_text(json.dumps({
-        "ref_model_id": str(vllm_pair.root / "ref"), "classifier_model_id": str(vllm_pair.root / "classifier"),
+        "ref_model_id": str(vllm_models / "ref"), "classifier_model_id": str(vllm_models / "classifier"),
         "classifier_type": "V", "loss_type": "bce", "inference_mode": "bernoulli", "use_chat_template": 0,
         "dtype": "float32", "original_problems_path": str(paths["test"]), "train_eval_save_path": str(paths["test_eval"])}))
-    out = stage(tmp_path, "eval_ckpt.py", "--classifier_ckpt_path", str(ckpt), "--eta", "0", "3", "--num_samples", "2",
-                "--max_new_tokens", "12", "--temperature", "0.8", "--top_p", "0.9", "--batch_size", "4",
-                "--engine", "vllm", "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1")
-    assert out.count("eval [eta_") == 2
+    log = tmp_path / "eval.log"
+    finish(start(tmp_path, command("eval_ckpt.py", "--classifier_ckpt_path", str(ckpt), "--eta", "0", "3",
+                                   "--num_samples", "2", "--max_new_tokens", "12", "--temperature", "0.8", "--top_p", "0.9",
+                                   "--batch_size", "4", "--engine", "vllm", "--vllm_enforce_eager", "1",
+                                   "--vllm_kv_cache_gib", "1"), log), log)
+    assert log.read_text().count("eval [eta_") == 2
     for eta in ("0.0", "3.0"):
-        samples = [json.loads(p.read_text()) for p in (ckpt / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8").glob("*_r*.json")]
+        folder = ckpt / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
+        samples = [json.loads(path.read_text()) for path in folder.glob("*_r*.json")]
         assert len(samples) == 12
         assert all(len(s["token_kl"]) == s["num_response_tokens"] and s["traj_kl"] > 0 for s in samples)
