@@ -24,7 +24,8 @@ roll-out and ``all`` (the rest pad rows that already ended); for ``continuous`` 
 ``all``: decoded tokens over ``batch_size`` slots per step (the rest are slots left empty
 when the queue runs dry). ``tokens_per_s``: the response tokens kept in
 the roll-ins and roll-outs of the timed runs (stop ids included, padding after them not)
-over those runs' whole wall time. ``--profile 1`` adds ``profile``: the
+over those runs' whole wall time; ``decode_tokens_per_s``: the same tokens over the backends'
+decode time only (model loading, vLLM's start-up and compilation, grading and writing left out). ``--profile 1`` adds ``profile``: the
 shares of the decode loop's time spent in the reference's decode forwards and prefills, the
 Q# processor (its classifier included), the top-p filter (transformers' ``TopPLogitsWarper``
 in ``generate``, ``utils.decoding.kl.top_p_filter`` in the engine) and the rest.
@@ -61,6 +62,8 @@ def row_steps_kept(stats: dict) -> dict:
     """The share of the row-steps a backend ran that produced kept tokens, per request kind where
     the backend counts row-steps per kind (``generate``), and over ``all``."""
     tokens, steps = stats["tokens"], stats["row_steps"]
+    if not steps:  # a backend that does not count its row-steps (vllm)
+        return {}
     kept = {kind: round(tokens.get(kind, 0) / max(count, 1), 3) for kind, count in steps.items() if kind != "all"}
     return {**kept, "all": round(sum(tokens.values()) / max(sum(steps.values()), 1), 3)}
 
@@ -69,8 +72,9 @@ def add_stats(total: dict, stats: dict) -> None:
     """Add one run's backend ``stats`` to ``total``."""
     total["seconds"] = total.get("seconds", 0.0) + stats["seconds"]
     for key in ("tokens", "row_steps"):
+        counts = total.setdefault(key, {})
         for kind, count in stats[key].items():
-            total.setdefault(key, {})[kind] = total.get(key, {}).get(kind, 0) + count
+            counts[kind] = counts.get(kind, 0) + count
 
 
 class Profile:
@@ -205,6 +209,7 @@ def main(args: argparse.Namespace) -> None:
         "seconds": round(seconds, 2),
         "tokens_per_round": round(statistics.median(timed_tokens), 1),
         "generate_share": round(total["seconds"] / sum(times), 3),  # of the whole main(), loading included
+        "decode_tokens_per_s": round(sum(tokens) / max(total["seconds"], 1e-9), 1),  # all runs, warm-up included
         "row_steps_kept": row_steps_kept(total),
         "engine": args.engine,
         "num_problems": args.num_problems,
