@@ -65,6 +65,32 @@ def test_rows_follow_joins_moves_swaps_and_partial_prefills():
     assert rows.followed == ["b", "c"]
 
 
+def test_v2_slots_follow_reordered_rows_and_recycled_slots():
+    """vLLM's V2 interface gives no batch updates: rows are mapped to request slots anew every step
+    and slots are recycled. Read from stand-in slot buffers, the rows the Q# processor follows stay
+    in step with their requests while rows are reordered, and a recycled slot's new request joins afresh."""
+    from utils.decoding.vllm_engine import slot_rows
+
+    tokens = torch.zeros(6, 16, dtype=torch.long)
+    tokens[0, :2], tokens[3, :3] = torch.tensor([1, 2]), torch.tensor([3, 4, 5])
+    state = SimpleNamespace(all_token_ids=tokens, prompt_len=torch.tensor([2, 0, 0, 3, 0, 1]),
+                            total_len=torch.tensor([2, 0, 0, 3, 0, 1]))
+    tags, rows = {0: "a", 3: "b", 5: None}, VLLMRows()
+    rows.slots = slot_rows(tags, state, [3, 0, 5])  # row 0: slot 3 (b), row 1: slot 0 (a), row 2: unguided
+    assert rows.slots == {0: ("b", [3, 4, 5], []), 1: ("a", [1, 2], [])}  # (request, prompt, outputs so far)
+    assert rows.plan() == ([0, 1], [], [], [[3, 4, 5], [1, 2]], [0, 1])
+    tokens[0, 2], tokens[3, 3] = 10, 20  # each emitted one token
+    state.total_len[0], state.total_len[3] = 3, 4
+    rows.slots = slot_rows(tags, state, [0, 5, 3])  # reordered: a at row 0, b at row 2
+    assert rows.plan() == ([0, 2], [1, 0], [10, 20], [], [])
+    tags[0] = "c"  # slot 0 recycled (add_request): c's prompt is [7]
+    tokens[0, :1], state.prompt_len[0], state.total_len[0] = 7, 1, 1
+    tokens[3, 4], state.total_len[3] = 21, 5
+    rows.slots = slot_rows(tags, state, [3, 0])
+    assert rows.plan() == ([0, 1], [1], [21], [[7]], [1])
+    assert rows.followed == ["b", "c"]
+
+
 # ----------------------------------------------------------------------------- vLLM engines, in their own processes
 
 

@@ -26,7 +26,7 @@ import torch
 
 from utils.decoding.kl import sampling_logits
 from utils.decoding.requests import Backend, OnFinish, Request
-from utils.models import get_stop_ids
+from utils.models import get_stop_ids, left_pad
 
 INSTALL = "pip install -r requirements-vllm.txt"
 HOST_KEY = "qsharp_host"  # vllm_config.additional_config entry naming the Host of an engine
@@ -111,17 +111,68 @@ class VLLMRows:
         return stay_rows + join_rows, keep, new_ids, join_tokens, join_rows
 
 
-def _processor_class():
-    """:class:`QSharpV1Processor`, defined once vLLM is imported (its base class is vLLM's)."""
+def guide(host: Host, rows: VLLMRows, logits: torch.Tensor) -> torch.Tensor:
+    """The step of either interface: the Q# offsets on the guided rows of ``logits`` [rows, vocab]
+    (raw, edited in place), and their KL recorded in ``host``."""
+    guidance = host.guidance
+    if guidance is None or not rows.slots:
+        return logits
+    order, keep, new_ids, join_tokens, _ = rows.plan()
+    index = torch.tensor(order, dtype=torch.long, device=logits.device)
+    scores = logits[index].float()  # [guided, vocab] raw
+    if guidance.is_noop:
+        guided = scores
+    else:
+        pad = guidance.pad_token_id if guidance.pad_token_id is not None else 0
+        join = left_pad(join_tokens, pad, logits.device) if join_tokens else None
+        guidance.update_rows(torch.tensor(keep, dtype=torch.long, device=logits.device), join)
+        stay = torch.tensor(new_ids, dtype=torch.long, device=logits.device)[:, None] if new_ids else None
+        guided = guidance.guide_rows(scores, stay)
+        logits[index] = guided.to(logits.dtype)
+    if guidance.records_kl:
+        warped = sampling_logits(guided, host.temperature, host.top_p)
+        kl, plain = guidance.kl.step(guided, scores, warped)
+        for row, a, b in zip(order, kl.tolist(), plain.tolist()):
+            request, _, outputs = rows.slots[row]
+            after, before = host.kl.setdefault(request, ([], []))
+            del after[len(outputs):], before[len(outputs):]  # a step that emitted nothing (partial prefill)
+            after.append(a)
+            before.append(b)
+    return logits
+
+
+def slot_rows(tags: dict[int, str | None], req_states, slots: list[int]) -> dict[int, tuple[str, list[int], list[int]]]:
+    """The V2 interface's guided rows as :class:`VLLMRows` keeps them: logits row -> (request id,
+    prompt, outputs so far), read from the runner's per-slot token buffers (``slots[row]``: the
+    row's slot)."""
+    tokens, prompt_len, total_len = (_tensor(req_states.all_token_ids), _tensor(req_states.prompt_len),
+                                     _tensor(req_states.total_len))
+    found = {}
+    for row, slot in enumerate(slots):
+        if tags.get(slot) is not None:
+            start, end = int(prompt_len[slot]), int(total_len[slot])
+            history = tokens[slot, :end].tolist()
+            found[row] = (tags[slot], history[:start], history[start:])
+    return found
+
+
+def _tensor(buffer) -> torch.Tensor:
+    """A runner buffer's tensor (vLLM wraps its per-slot buffers; ``.gpu`` holds the device copy)."""
+    return getattr(buffer, "gpu", buffer)
+
+
+def _processor_classes():
+    """:class:`QSharpV1Processor` and :class:`QSharpV2Processor`, defined once vLLM is imported
+    (their base classes are vLLM's): thin adapters of vLLM's two interfaces over :func:`guide`."""
     from vllm.v1.sample.logits_processor import LogitsProcessor
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
     class QSharpV1Processor(LogitsProcessor):
-        """vLLM's V1 logits-processor interface around the Q# processor of the engine's :class:`Host`."""
+        """vLLM's V1 interface (the CPU build, ``VLLM_USE_V2_MODEL_RUNNER=0``): rows from its batch updates."""
 
         def __init__(self, vllm_config, device, is_pin_memory):
             self.host = _HOSTS[(vllm_config.additional_config or {})[HOST_KEY]]
             self.host.rows = self.rows = VLLMRows()
-            self.device = device
 
         def is_argmax_invariant(self) -> bool:
             return False  # it changes the argmax: vLLM runs it before temperature and top-p
@@ -130,35 +181,27 @@ def _processor_class():
             self.rows.update(batch_update)
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            guidance = self.host.guidance
-            if guidance is None or not self.rows.slots:
-                return logits
-            rows, keep, new_ids, join_tokens, join_rows = self.rows.plan()
-            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            scores = logits[index].float()  # [guided, vocab] raw
-            if guidance.is_noop:
-                guided = scores
-            else:
-                from utils.models import left_pad
+            return guide(self.host, self.rows, logits)
 
-                pad = guidance.pad_token_id if guidance.pad_token_id is not None else 0
-                join = left_pad(join_tokens, pad, logits.device) if join_tokens else None
-                guidance.update_rows(torch.tensor(keep, dtype=torch.long, device=logits.device), join)
-                stay = torch.tensor(new_ids, dtype=torch.long, device=logits.device)[:, None] if new_ids else None
-                guided = guidance.guide_rows(scores, stay)
-                logits[index] = guided.to(logits.dtype)
-            if guidance.records_kl:
-                warped = sampling_logits(guided, self.host.temperature, self.host.top_p)
-                kl, plain = guidance.kl.step(guided, scores, warped)
-                for row, a, b in zip(rows, kl.tolist(), plain.tolist()):
-                    request, _, outputs = self.rows.slots[row]
-                    after, before = self.host.kl.setdefault(request, ([], []))
-                    del after[len(outputs):], before[len(outputs):]  # a step that emitted nothing (partial prefill)
-                    after.append(a)
-                    before.append(b)
-            return logits
+    class QSharpV2Processor(V2LogitsProcessor):
+        """vLLM's V2 interface (the GPU default): requests by slot from ``add_request``, rows mapped to
+        slots every step (``ctx.expanded_idx_mapping``), tokens from the runner's buffers. Not yet run
+        on a GPU."""
 
-    return QSharpV1Processor
+        def __init__(self, vllm_config, req_states):
+            self.host = _HOSTS[(vllm_config.additional_config or {})[HOST_KEY]]
+            self.host.rows = self.rows = VLLMRows()
+            self.req_states, self.tags = req_states, {}
+
+        def add_request(self, req_idx: int, sampling_params) -> bool:
+            self.tags[req_idx] = (sampling_params.extra_args or {}).get(HOST_KEY)  # a recycled slot is overwritten
+            return self.tags[req_idx] is not None
+
+        def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+            self.rows.slots = slot_rows(self.tags, self.req_states, ctx.expanded_idx_mapping.tolist())
+            return guide(self.host, self.rows, logits)
+
+    return QSharpV1Processor, QSharpV2Processor
 
 
 class VLLMBackend(Backend):
@@ -204,7 +247,7 @@ class VLLMBackend(Backend):
             self.llm = vllm.LLM(
                 model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
                 max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size, distributed_executor_backend="uni",
-                logits_processors=[_processor_class()], additional_config={HOST_KEY: self.key},
+                logits_processors=[_processor_classes()[_v2_runner()]], additional_config={HOST_KEY: self.key},
                 enable_prefix_caching=True, **settings,
             )
         except Exception as error:  # noqa: BLE001  (vLLM raises many types; the user gets one line)
@@ -281,3 +324,12 @@ def _last_line(error: BaseException) -> str:
         error = error.__cause__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def _v2_runner() -> int:
+    """1 when vLLM runs its V2 model runner (a GPU with Triton, unless ``VLLM_USE_V2_MODEL_RUNNER=0``), else 0."""
+    import importlib.util
+
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" or not torch.cuda.is_available():
+        return 0
+    return int(importlib.util.find_spec("triton") is not None)
