@@ -145,15 +145,15 @@ def slot_rows(tags: dict[int, str | None], req_states, slots: list[int]) -> dict
     """The V2 interface's guided rows as :class:`VLLMRows` keeps them: logits row -> (request id,
     prompt, outputs so far), read from the runner's per-slot token buffers (``slots[row]``: the
     row's slot)."""
-    tokens, prompt_len, total_len = (_tensor(req_states.all_token_ids), _tensor(req_states.prompt_len),
-                                     _tensor(req_states.total_len))
-    found = {}
-    for row, slot in enumerate(slots):
-        if tags.get(slot) is not None:
-            start, end = int(prompt_len[slot]), int(total_len[slot])
-            history = tokens[slot, :end].tolist()
-            found[row] = (tags[slot], history[:start], history[start:])
-    return found
+    guided = [(row, slot) for row, slot in enumerate(slots) if tags.get(slot) is not None]
+    if not guided:
+        return {}
+    index = torch.tensor([slot for _, slot in guided])
+    starts = _tensor(req_states.prompt_len).cpu()[index].tolist()  # one transfer each, not one per row
+    ends = _tensor(req_states.total_len).cpu()[index].tolist()
+    histories = _tensor(req_states.all_token_ids)[index.to(_tensor(req_states.all_token_ids).device), : max(ends)].tolist()
+    return {row: (tags[slot], history[:start], history[start:end])
+            for (row, slot), start, end, history in zip(guided, starts, ends, histories)}
 
 
 def _tensor(buffer) -> torch.Tensor:
@@ -253,7 +253,6 @@ class VLLMBackend(Backend):
         except Exception as error:  # noqa: BLE001  (vLLM raises many types; the user gets one line)
             raise ValueError(f"vLLM could not start {self.model_id}: {_last_line(error)}") from error
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        self.model = self.llm  # loaded
         self.stop_ids = get_stop_ids(_generation_config(self.model_id), self.tokenizer)
 
     def _run(self, requests: list[Request], on_finish: OnFinish, processor) -> None:
