@@ -11,15 +11,26 @@
 # almost no signal). Sizes come from DEMO_* environment variables (defaults below fit 30 min on
 # 2 cores). Writes $DEMO_OUT/summary.json and prints the table with 95% intervals and each
 # stage's time.
+# DEMO_ENGINE picks the decoding engine of collection and evaluation (continuous, the default;
+# generate; vllm, after pip install -r requirements-vllm.txt). DEMO_ETAS sweeps Q# and CD from
+# the same classifier over several etas (DEMO_ETA among them) and writes the frontier, pass@1
+# against KL with 95% intervals, to $DEMO_OUT/frontier/ (results.csv, pass1_vs_kl.png); with
+# DEMO_ENGINE=vllm it defaults to "1 3 10 30" on 192 test problems, else to DEMO_ETA alone.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${DEMO_OUT:-real_demo_out}"  # a folder per dataset: DEMO_OUT=real_demo_gsm8k DEMO_DATA=gsm8k ...
 MODELS="${DEMO_MODELS:-models}"
 SEED="${DEMO_SEED:-0}"
 DEMO_DATA="${DEMO_DATA:-synthetic}"
+ENGINE="${DEMO_ENGINE:-continuous}"
+case "$ENGINE" in
+  continuous|generate) TEST_SCALE=1 ;;
+  vllm) TEST_SCALE=3 ;;  # vLLM's speed buys a sweep on 3x the test problems
+  *) echo "error: DEMO_ENGINE=$ENGINE; valid: continuous, generate, vllm" >&2; exit 2 ;;
+esac
 case "$DEMO_DATA" in  # sizes per dataset: GSM8K responses are about 3x longer
-  synthetic) N_TRAIN=128 N_TEST=64 TOKENS=96 ;;
-  gsm8k) N_TRAIN=32 N_TEST=24 TOKENS=160 ;;
+  synthetic) N_TRAIN=128 N_TEST=$((64 * TEST_SCALE)) TOKENS=96 ;;
+  gsm8k) N_TRAIN=32 N_TEST=$((24 * TEST_SCALE)) TOKENS=160 ;;
   *) echo "error: DEMO_DATA=$DEMO_DATA; valid: synthetic, gsm8k" >&2; exit 2 ;;
 esac
 NUM_TRAIN="${DEMO_NUM_TRAIN:-$N_TRAIN}"
@@ -28,6 +39,8 @@ COLLECT_SAMPLES="${DEMO_COLLECT_SAMPLES:-2}"
 EVAL_SAMPLES="${DEMO_EVAL_SAMPLES:-4}"
 MAX_NEW_TOKENS="${DEMO_MAX_NEW_TOKENS:-$TOKENS}"
 ETA="${DEMO_ETA:-10}"
+if [ "$ENGINE" = vllm ]; then ETAS="${DEMO_ETAS:-1 3 10 30}"; else ETAS="${DEMO_ETAS:-$ETA}"; fi
+case " $ETAS " in *" $ETA "*) ;; *) echo "error: DEMO_ETAS=\"$ETAS\" must include DEMO_ETA=$ETA" >&2; exit 2 ;; esac
 BATCH="${DEMO_BATCH:-32}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -57,7 +70,7 @@ took data
 MODEL_FLAGS=(--ref_model_id "$REF" --classifier_model_id "$CLS" --classifier_type V --inference_mode bernoulli
   --loss_type bce --use_bias 0)
 TRAIN_DATA=(--data_path "$DATA/${PREFIX}_train.jsonl" --train_eval_save_path "$DATA/${PREFIX}_train_eval.json")
-SAMPLING=(--temperature 0.8 --top_p 0.9 --max_new_tokens "$MAX_NEW_TOKENS" --dtype float32)
+SAMPLING=(--temperature 0.8 --top_p 0.9 --max_new_tokens "$MAX_NEW_TOKENS" --dtype float32 --engine "$ENGINE")
 
 step "collect with the reference policy: $NUM_TRAIN train problems x $COLLECT_SAMPLES"
 python "$REPO/collect_training_data.py" --start_index 0 --end_index "$NUM_TRAIN" --is_first_round 1 "${MODEL_FLAGS[@]}" \
@@ -75,17 +88,21 @@ python "$REPO/train_classifier.py" "${MODEL_FLAGS[@]}" --original_problems_path 
 CKPT=$(ls -d "$OUT"/checkpoints/round1/ckpt_* | sort -V | tail -1)
 took train
 
-evaluate() {  # evaluate ETA NAME [extra flags]
-  local eta=$1 name=$2; shift 2
-  step "evaluate $name on $NUM_TEST $DEMO_DATA test problems x $EVAL_SAMPLES"
-  python "$REPO/eval_ckpt.py" --classifier_ckpt_path "$CKPT" --eta "$eta" --data_path "$DATA/${PREFIX}_test.jsonl" \
+evaluate() {  # evaluate "ETAS" NAME [extra flags]: one command per method, the models loaded once
+  local etas=$1 name=$2; shift 2
+  step "evaluate $name (eta $etas) on $NUM_TEST $DEMO_DATA test problems x $EVAL_SAMPLES"
+  # shellcheck disable=SC2086  # $etas: one argument per eta
+  python "$REPO/eval_ckpt.py" --classifier_ckpt_path "$CKPT" --eta $etas --data_path "$DATA/${PREFIX}_test.jsonl" \
     --train_eval_save_path "$DATA/${PREFIX}_test_eval.json" --end_index "$NUM_TEST" --num_samples "$EVAL_SAMPLES" \
-    --batch_size "$BATCH" --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" "$@"
+    --batch_size "$BATCH" --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" "$@"
   took "eval $name"
 }
-evaluate 0 reference
-evaluate "$ETA" CD --cd_baseline 1
-evaluate "$ETA" "Q#"
+evaluate "0 $ETAS" "reference and Q#"
+evaluate "$ETAS" CD --cd_baseline 1
+if [ "$ETAS" != "$ETA" ]; then
+  step "frontier: Q# and CD, pass@1 against KL"
+  python -m utils.demo.report "$CKPT" --out_dir "$OUT/frontier"
+fi
 
 ETA_TAG=$(python -c "print(float('$ETA'))")  # output names spell eta as a float
 TAG="top_k_20_temp_0.8"

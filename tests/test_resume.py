@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import torch
 import train_classifier
 from utils.demo.synthetic import write_synthetic_dataset
 from tests.helpers.fake_collected import train_flags, write_fake_collected
-from tests.helpers.scripts import TIMEOUT, command, finish, start
+from tests.helpers.scripts import command, finish, results_in, run_and_kill, start
 from utils.cli import run
 from utils.data.io import TMP_SUFFIX, temporary_prefix
 from utils.demo.tiny_models import write_tiny_models
@@ -43,7 +40,6 @@ SAMPLING = ["--use_chat_template", "0", "--dtype", "float32", "--max_new_tokens"
 # Besides the results, a run may keep this record of its settings in each result folder
 # (checked by a resume); it must then be the same as in the uninterrupted run.
 BOOKKEEPING = ".run_settings.json"
-RESULT = re.compile(r"\d+_r\d+\.json")
 
 
 @pytest.fixture(scope="module")
@@ -86,32 +82,6 @@ def alongside(workdir: Path, cmd: list[str], log: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def results_in(folder: Path) -> list[str]:
-    """The ``<id>_r<repeat>.json`` result files in ``folder``."""
-    return [n for n in os.listdir(folder) if RESULT.fullmatch(n)] if folder.is_dir() else []
-
-
-def run_and_kill(workdir: Path, cmd: list[str], result_dir: Path, total: int, log: Path) -> int:
-    """Start ``cmd``, SIGKILL it once some but not all of its ``total`` result files exist;
-    return the killed process's pid."""
-    proc = start(workdir, cmd, log)
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not results_in(result_dir):
-            assert proc.poll() is None, f"{Path(cmd[1]).name} ended before it wrote a result:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no result file written in time"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it was killed: give it more problems"
-    written = len(results_in(result_dir))
-    assert 0 < written < total, f"killed after {written} of {total} results: not mid-way"
-    return proc.pid
 
 
 def leave_killed_temporary(folder: Path, name: str, pid: int) -> Path:

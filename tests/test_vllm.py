@@ -167,33 +167,33 @@ def test_bad_input_is_one_line(checks):
 def collect_command(models: Path, paths: dict, out: Path, engine: str) -> list[str]:
     from tests.helpers.scripts import command
 
-    return command("collect_training_data.py", "--is_first_round", "1", "--end_index", "6", "--num_samples", "2",
+    return command("collect_training_data.py", "--is_first_round", "1", "--end_index", "8", "--num_samples", "2",
                    "--ref_model_id", str(models / "ref"), "--classifier_model_id", str(models / "classifier"),
                    "--data_path", str(paths["train"]), "--train_eval_save_path", str(paths["train_eval"]),
                    "--use_chat_template", "0", "--max_new_tokens", "16", "--temperature", "0.8", "--top_p", "0.9",
-                   "--eta", "5", "--dtype", "float32", "--batch_size", "4", "--output_dir", str(out), "--engine", engine,
+                   "--eta", "5", "--dtype", "float32", "--batch_size", "2", "--output_dir", str(out), "--engine", engine,
                    "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1")
 
 
 @needs_vllm
-def test_collection_restarts_to_the_same_files_and_keeps_its_engine(vllm_models, tmp_path):
-    """``collect_training_data.py --engine vllm``, guided (eta 5): files deleted and collected again
-    come back byte for byte; the folder refuses another engine with one line."""
+def test_collection_killed_and_restarted_gives_the_same_files_and_keeps_its_engine(vllm_models, tmp_path):
+    """``collect_training_data.py --engine vllm``, guided (eta 5): a run SIGKILLed part-way and started
+    again ends with the files of an uninterrupted run, byte for byte; the folder refuses another
+    engine with one line."""
     import subprocess
 
-    from tests.helpers.scripts import ENV, TIMEOUT, finish, start
+    from tests.helpers.scripts import ENV, TIMEOUT, finish, run_and_kill, start
     from utils.demo.synthetic import write_synthetic_dataset
 
-    paths = write_synthetic_dataset(tmp_path / "data", 6, 0, seed=0)
-    out = tmp_path / "collected"
-    finish(start(tmp_path, collect_command(vllm_models, paths, out, "vllm"), tmp_path / "first.log"), tmp_path / "first.log")
-    files = {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))}
-    assert len(files) == 12
-    for name in ("0_r0.json", "3_r1.json", "5_r0.json"):
-        (out / name).unlink()
-    finish(start(tmp_path, collect_command(vllm_models, paths, out, "vllm"), tmp_path / "again.log"), tmp_path / "again.log")
-    assert {path.name: path.read_bytes() for path in sorted(out.glob("*_r*.json"))} == files
-    other = subprocess.run(collect_command(vllm_models, paths, out, "continuous"), cwd=tmp_path, env=ENV,
+    paths = write_synthetic_dataset(tmp_path / "data", 8, 0, seed=0)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    finish(start(tmp_path, collect_command(vllm_models, paths, full, "vllm"), tmp_path / "full.log"), tmp_path / "full.log")
+    files = {path.name: path.read_bytes() for path in sorted(full.glob("*_r*.json"))}
+    assert len(files) == 16
+    run_and_kill(tmp_path, collect_command(vllm_models, paths, killed, "vllm"), killed, len(files), tmp_path / "killed.log")
+    finish(start(tmp_path, collect_command(vllm_models, paths, killed, "vllm"), tmp_path / "again.log"), tmp_path / "again.log")
+    assert {path.name: path.read_bytes() for path in sorted(killed.glob("*_r*.json"))} == files
+    other = subprocess.run(collect_command(vllm_models, paths, killed, "continuous"), cwd=tmp_path, env=ENV,
                            capture_output=True, text=True, timeout=TIMEOUT)
     assert other.returncode == 2 and "engine" in other.stderr.strip().splitlines()[-1]
 
