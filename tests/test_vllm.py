@@ -5,7 +5,8 @@ independent of their batch mates, one-line errors, and the stage scripts on vLLM
 
 vLLM never runs in the test process (it initialises ``torch.distributed`` and sets environment
 variables there): ``tests/helpers/vllm_checks.py`` runs the engine checks in a process of its
-own, once for the module, and the stage scripts run as real processes."""
+own, once for the module (and once for the real SmolLM2 pair), and the stage scripts run as real
+processes."""
 
 from __future__ import annotations
 
@@ -128,6 +129,29 @@ def test_greedy_equals_generate(checks, classifier_type):
     assert result["vllm"] == result["generate"]
     recorded = [len(tokens) for tokens in result["vllm"]] if classifier_type != "None" else [0] * len(result["vllm"])
     assert result["kl_lengths"] == recorded  # guided: one KL value per token; unguided requests record none
+
+
+@needs_vllm
+def test_greedy_equals_generate_on_the_real_pair(real_dir, tmp_path):
+    """SmolLM2-135M-Instruct guided by its 6-layer cut (pad == EOS, a chat template, a 49,152-token
+    vocabulary), greedy float32, 48 new tokens for three chat prompts of different lengths: vLLM's
+    tokens are ``generate()``'s, unguided and Q/V guided."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers.scripts import ENV, TIMEOUT
+
+    out = tmp_path / "real.json"
+    result = subprocess.run([sys.executable, "-m", "tests.helpers.vllm_checks", str(real_dir), str(out), "real"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for classifier_type, result in results.items():
+        assert result["vllm"] == result["generate"], classifier_type
+    assert [len(tokens) < 48 for tokens in results["greedy_None"]["vllm"]] == [True, False, False]  # one stops early
+    for guided in ("greedy_Q", "greedy_V"):  # the guidance changes the greedy path
+        assert results[guided]["vllm"] != results["greedy_None"]["vllm"]
 
 
 @needs_vllm

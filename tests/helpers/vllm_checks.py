@@ -2,10 +2,12 @@
 changes it for good (it initialises ``torch.distributed`` and sets environment variables such as
 ``LD_PRELOAD`` and ``LOCAL_WORLD_SIZE``), so it never runs inside the test process.
 
-    python -m tests.helpers.vllm_checks MODELS_DIR OUT_JSON
+    python -m tests.helpers.vllm_checks MODELS_DIR OUT_JSON          # the tiny pair
+    python -m tests.helpers.vllm_checks REAL_DIR OUT_JSON real       # SmolLM2-135M-Instruct and its 6-layer cut
 
-``MODELS_DIR`` holds ``ref`` and ``classifier`` (:func:`write_vllm_pair`); ``OUT_JSON`` gets the
-tokens and KL of each scenario, for the tests to compare.
+``MODELS_DIR`` holds ``ref`` and ``classifier`` (:func:`write_vllm_pair`), ``REAL_DIR`` the
+folders of ``utils.real_models``; ``OUT_JSON`` gets the tokens and KL of each scenario, for the
+tests to compare.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ def prompts_for(tokenizer) -> list[list[int]]:
     return [torch.randint(5, len(tokenizer), (n,), generator=g).tolist() for n in (3, 15, 7, 11, 4, 9, 21)]
 
 
-def processor_for(root: Path, tokenizer, classifier_type, **kwargs):
+def processor_for(root: Path, tokenizer, classifier_type, classifier="classifier", **kwargs):
     from utils.classifier import ClassifierSpec, QSharpClassifier
     from utils.decoding.guidance import QSharpLogitsProcessor
 
     if classifier_type is None:
         return None
-    classifier = QSharpClassifier.from_causal_lm(str(root / "classifier"), ClassifierSpec(classifier_type, "bce"),
+    classifier = QSharpClassifier.from_causal_lm(str(root / classifier), ClassifierSpec(classifier_type, "bce"),
                                                  init_mode="random", dtype="float32", seed=1).eval()
     return QSharpLogitsProcessor(classifier, eta=3.0, top_k=5, pad_token_id=tokenizer.pad_token_id, **kwargs)
 
@@ -110,5 +112,42 @@ def main(root: Path, out: Path) -> None:
     out.write_text(json.dumps(results))
 
 
+def real(root: Path, out: Path) -> None:
+    """Greedy float32 on the real pair: vLLM against ``generate()``, unguided and Q/V guided, three
+    chat prompts of different lengths (48 new tokens)."""
+    from utils.decoding.generate import generate_responses
+    from utils.decoding.requests import Request
+    from utils.decoding.vllm_engine import VLLMBackend
+    from utils.demo.real_models import CLASSIFIER_NAME, REF_NAME
+    from utils.models import load_causal_lm, load_tokenizer, tokenize_prompts
+
+    budget = 48
+    tokenizer = load_tokenizer(str(root / REF_NAME))
+    batch = tokenize_prompts(tokenizer, REAL_PROMPTS, use_chat_template=True)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    ref = load_causal_lm(str(root / REF_NAME), "float32", "cpu")
+    backend = VLLMBackend(str(root / REF_NAME), tokenizer, dtype="float32", device="cpu", batch_size=4, temperature=0.0,
+                          vllm_settings={"enforce_eager": True, "kv_cache_gib": 1})
+    backend.load()
+    results = {}
+    for classifier_type in (None, "Q", "V"):
+        processor = lambda: processor_for(root, tokenizer, classifier_type, CLASSIFIER_NAME, kl_temperature=1.0)  # noqa: E731
+        done = run(backend, [Request(p, budget, (0, 0, i, "eval"), guided=True, tag=i) for i, p in enumerate(prompts)],
+                   processor())
+        ids, lengths = generate_responses(ref, batch, backend.stop_ids, tokenizer.pad_token_id, budget,
+                                          temperature=0, processor=processor())
+        results[f"greedy_{classifier_type}"] = {"vllm": [done[i].tokens for i in range(len(prompts))],
+                                                "generate": [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]}
+    out.write_text(json.dumps(results))
+
+
+REAL_PROMPTS = [  # chat prompts of different lengths, as the stage scripts write them
+    "Problem:\n\nWhat is 2 + 3? Write your answer inside \\boxed{}.\n\nSolution:",
+    "Problem:\n\nNatalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? Write your answer inside \\boxed{}.\n\nSolution:",
+    "Problem:\n\nx = 6 and y = 4. Compute x + y. Write your answer inside \\boxed{}.\n\nSolution:",
+]
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    (real if sys.argv[3:] == ["real"] else main)(Path(sys.argv[1]), Path(sys.argv[2]))
