@@ -2,6 +2,7 @@
 
     python bench/guidance_overhead.py [--json] [--ref_hidden 64 --ref_layers 24 --classifier_hidden 64 --classifier_layers 3]
     python bench/guidance_overhead.py [--json] --ref_model_id REF --classifier_model_id LM [--dtype float32]
+    python bench/guidance_overhead.py [--json] --ref_model_id REF --classifier_model_id LM --engine vllm
 
 Same prompts (``--batch_size`` 16, ``--max_new_tokens`` 64, temperature 0.8, top-p 0.9,
 one seed per call), same random Llama reference; a random classifier backbone with 1/8 of
@@ -43,6 +44,15 @@ by reading weights cannot beat ``memory_limit``. A small-batch decode is mostly 
 wide forward that uses the hardware better than the reference's one token per row, so
 ``ratio`` can fall well below a V head's ``limit``.
 
+``--engine vllm`` (a loaded pair only; ``pip install -r requirements-vllm.txt``) decodes the same
+prompts in vLLM instead of ``generate()``: one engine (compiled unless ``--vllm_enforce_eager 1``)
+for every call, each request seeded from its own stream as in collection, the Q# processor
+inside vLLM's sampler. The models are loaded once more with transformers, for the floors.
+Responses end at other steps guided and unguided, so vLLM's ``ratio`` is taken per generated
+token (``token_ratio``: guided seconds per token over unguided seconds per token) and
+``ratio`` is reported beside it; ``processor_share`` is then the time inside the processor's
+step (``utils.decoding.vllm_engine.guide``).
+
 ``--json`` prints one line per head: ``{"classifier_type", "ratio", "limit", "memory_limit", ...}``.
 
 Where the extra time goes (medians over the guided runs, as shares of the unguided time):
@@ -76,6 +86,8 @@ from utils.models import get_stop_ids  # noqa: E402
 
 def main(args: argparse.Namespace) -> None:
     set_threads(args.threads)
+    if args.engine == "vllm":
+        return main_vllm(args)
     if args.ref_model_id is None:
         tokenizer, ref, lm = build_pair(args)
         batch = prompt_batch(tokenizer, args.batch_size)
@@ -155,6 +167,86 @@ def main(args: argparse.Namespace) -> None:
                   f"{result['classifier_share']:.1%}, whole processor {result['processor_share']:.1%} of unguided", flush=True)
 
 
+def main_vllm(args: argparse.Namespace) -> None:
+    """The same comparison with the reference decoded by vLLM (``--engine vllm``)."""
+    from utils.decoding import vllm_engine
+    from utils.decoding.requests import Request
+
+    tokenizer, ref, lm = load_pair(args.ref_model_id, args.classifier_model_id, args.dtype, device="cpu")
+    batch = chat_prompt_batch(tokenizer, args.batch_size)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    backend = vllm_engine.VLLMBackend(args.ref_model_id, tokenizer, dtype=args.dtype, device="cpu", batch_size=args.batch_size,
+                                      temperature=args.temperature, top_p=args.top_p,
+                                      vllm_settings={"enforce_eager": bool(args.vllm_enforce_eager)})
+    totals = {"processor": 0.0, "classifier": 0.0}
+    step = vllm_engine.guide
+
+    def timed_guide(*a, **kw):
+        start = time.perf_counter()
+        out = step(*a, **kw)
+        totals["processor"] += time.perf_counter() - start
+        return out
+
+    vllm_engine.guide = timed_guide  # the processor's step, as vLLM's sampler calls it
+
+    def sample(processor, call: int) -> tuple[float, int]:
+        """Seconds and generated tokens of one call (a fresh seed per call, one stream per request)."""
+        requests = [Request(p, args.max_new_tokens, (args.seed + call, 0, i, "roll_in"), guided=True, tag=i)
+                    for i, p in enumerate(prompts)]
+        tokens = []
+        seconds = elapsed(lambda: backend.run(requests, lambda r: tokens.append(len(r.tokens)), processor))
+        return seconds, sum(tokens)
+
+    for classifier_type in args.heads:
+        classifier = QSharpClassifier.from_causal_lm(lm, ClassifierSpec(classifier_type, "bce"), init_mode="random",
+                                                     seed=args.seed).eval()
+        forward = classifier.hidden_states
+
+        def timed_forward(*a, **kw):
+            start = time.perf_counter()
+            out = forward(*a, **kw)
+            totals["classifier"] += time.perf_counter() - start
+            return out
+
+        classifier.hidden_states = timed_forward
+        processor = QSharpLogitsProcessor(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
+        sample(None, 0), sample(processor, 0)  # warm-up (the engine starts in the first)
+        runs = {False: [], True: []}  # guided -> [(seconds, tokens, processor s, classifier s)]
+        for repeat in range(args.repeats):
+            for guided_run in ((False, True) if repeat % 2 == 0 else (True, False)):
+                totals.update(processor=0.0, classifier=0.0)
+                seconds, tokens = sample(processor if guided_run else None, 1 + repeat)
+                runs[guided_run].append((seconds, tokens, totals["processor"], totals["classifier"]))
+        median = lambda values: statistics.median(values)  # noqa: E731
+        unguided_s, guided_s = median(r[0] for r in runs[False]), median(r[0] for r in runs[True])
+        per_token = {g: median(r[0] / r[1] for r in runs[g]) for g in runs}
+        floors = guidance_floors(ref, classifier, args.top_k, args.batch_size)
+        result = {
+            "engine": "vllm",
+            "classifier_type": classifier_type,
+            "token_ratio": round(per_token[True] / per_token[False], 4),
+            "ratio": round(guided_s / unguided_s, 4),
+            "limit": round(floors["limit"], 4),
+            "memory_limit": round(floors["memory_limit"], 4),
+            "classifier_share": round(median(r[3] / r[0] for r in runs[True]), 4),
+            "processor_share": round(median(r[2] / r[0] for r in runs[True]), 4),
+            "unguided_tokens_per_s": round(1 / per_token[False], 2),
+            "guided_tokens_per_s": round(1 / per_token[True], 2),
+            "tokens": {"unguided": [r[1] for r in runs[False]], "guided": [r[1] for r in runs[True]]},
+            **{key: floors[key] for key in ("reference_macs", "classifier_macs", "reference_bytes", "classifier_bytes")},
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+            "models": f"{args.ref_model_id} + {args.classifier_model_id}", "dtype": args.dtype,
+            "enforce_eager": bool(args.vllm_enforce_eager), "threads": torch.get_num_threads(),
+        }
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{classifier_type} (vLLM): guided {result['guided_tokens_per_s']} / unguided {result['unguided_tokens_per_s']} "
+                  f"tokens/s: {result['token_ratio']:.3f}x time per token (compute floor {result['limit']:.3f}x, memory "
+                  f"floor {result['memory_limit']:.3f}x); processor {result['processor_share']:.1%} of the guided time, "
+                  f"classifier forward {result['classifier_share']:.1%}", flush=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags; a model id without the other is refused (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -165,12 +257,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (the README's runs use 0.9)")
     parser.add_argument("--eta", type=float, default=10.0, help="guidance strength")
     parser.add_argument("--heads", nargs="+", default=["Q", "V"], choices=["Q", "V"], help="classifier heads to time")
+    parser.add_argument("--engine", choices=["generate", "vllm"], default="generate",
+                        help="decode with generate() (default) or vLLM (a loaded pair only)")
+    parser.add_argument("--vllm_enforce_eager", type=int, choices=[0, 1], default=0,
+                        help="--engine vllm: 1 runs the reference eager (starts faster, decodes slower)")
     add_run_flags(parser, repeats=9, json_help="one JSON line per head")
     add_size_flags(parser)
     add_pair_flags(parser)
     args = parser.parse_args(argv)
     if (args.ref_model_id is None) != (args.classifier_model_id is None):
         parser.error("--ref_model_id and --classifier_model_id go together (or neither: the random pair)")
+    if args.engine == "vllm" and args.ref_model_id is None:
+        parser.error("--engine vllm needs a loaded pair (--ref_model_id and --classifier_model_id)")
     return args
 
 

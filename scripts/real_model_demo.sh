@@ -70,7 +70,10 @@ took data
 MODEL_FLAGS=(--ref_model_id "$REF" --classifier_model_id "$CLS" --classifier_type V --inference_mode bernoulli
   --loss_type bce --use_bias 0)
 TRAIN_DATA=(--data_path "$DATA/${PREFIX}_train.jsonl" --train_eval_save_path "$DATA/${PREFIX}_train_eval.json")
-SAMPLING=(--temperature 0.8 --top_p 0.9 --max_new_tokens "$MAX_NEW_TOKENS" --dtype float32 --engine "$ENGINE")
+ENGINE_FLAGS=(--engine "$ENGINE")
+# vLLM on a CPU takes 90% of the free memory for its KV cache unless told: 4 GiB is plenty here
+if [ "$ENGINE" = vllm ]; then ENGINE_FLAGS+=(--vllm_kv_cache_gib "${DEMO_VLLM_KV_CACHE_GIB:-4}"); fi
+SAMPLING=(--temperature 0.8 --top_p 0.9 --max_new_tokens "$MAX_NEW_TOKENS" --dtype float32 "${ENGINE_FLAGS[@]}")
 
 step "collect with the reference policy: $NUM_TRAIN train problems x $COLLECT_SAMPLES"
 python "$REPO/collect_training_data.py" --start_index 0 --end_index "$NUM_TRAIN" --is_first_round 1 "${MODEL_FLAGS[@]}" \
@@ -94,7 +97,7 @@ evaluate() {  # evaluate "ETAS" NAME [extra flags]: one command per method, the 
   # shellcheck disable=SC2086  # $etas: one argument per eta
   python "$REPO/eval_ckpt.py" --classifier_ckpt_path "$CKPT" --eta $etas --data_path "$DATA/${PREFIX}_test.jsonl" \
     --train_eval_save_path "$DATA/${PREFIX}_test_eval.json" --end_index "$NUM_TEST" --num_samples "$EVAL_SAMPLES" \
-    --batch_size "$BATCH" --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" "$@"
+    --batch_size "$BATCH" --max_new_tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${ENGINE_FLAGS[@]}" "$@"
   took "eval $name"
 }
 evaluate "0 $ETAS" "reference and Q#"

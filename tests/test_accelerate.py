@@ -30,8 +30,6 @@ import json
 import math
 import os
 import re
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +41,7 @@ import eval_ckpt
 import train_classifier
 from utils.demo.synthetic import write_synthetic_dataset
 from tests.helpers.fake_collected import train_flags, write_fake_collected
-from tests.helpers.processes import run_tree
+from tests.helpers.processes import accelerate_command, run_tree
 from tests.helpers.stages import in_workdir
 from tests.helpers.checkpoints import EXAMPLE_NAMES, EXAMPLE_STEPS_DONE, checkpoint_names, optimizer_states_steps
 from utils.cli import run
@@ -116,12 +114,6 @@ def workdir(tmp_path_factory):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(workdir: Path, script: str, *args: str, renames: Path | None = None) -> str:
     """``accelerate launch --multi_gpu --num_processes 2 script args`` (gloo on the CPU); its stdout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir / "audit"), str(REPO)]), "HF_HUB_OFFLINE": "1",
@@ -129,10 +121,7 @@ def launch(workdir: Path, script: str, *args: str, renames: Path | None = None) 
     env.pop("QSHARP_TEST_RENAMES", None)
     if renames is not None:
         env["QSHARP_TEST_RENAMES"] = str(renames)
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / script), *args]
-    result = run_tree(cmd, cwd=workdir, env=env, timeout=TIMEOUT)
+    result = run_tree(accelerate_command(REPO / script, *args), cwd=workdir, env=env, timeout=TIMEOUT)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 

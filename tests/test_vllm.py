@@ -223,12 +223,16 @@ def test_collection_killed_and_restarted_gives_the_same_files_and_keeps_its_engi
 
 
 @needs_vllm
-def test_eval_sweep_on_vllm(vllm_models, tmp_path):
+def test_eval_sweep_on_vllm_on_one_and_two_processes(vllm_models, tmp_path):
     """``eval_ckpt.py --engine vllm`` over etas 0 and 3 with one engine: every sample file, with the KL
-    recorded per token (at eta 0 about -log(nucleus mass) per token, top-p 0.9)."""
+    recorded per token (at eta 0 about -log(nucleus mass) per token, top-p 0.9). Launched on two
+    processes (``accelerate launch``, an engine each): the same tokens, and the results of every
+    problem, written once both ranks are done (each rank's vLLM makes a process group of its own,
+    which the ranks' barrier must not use)."""
     import json
+    import os
 
-    from tests.helpers.scripts import command, finish, start
+    from tests.helpers.scripts import ENV, TIMEOUT, command, finish, start
     from utils.classifier import ClassifierSpec, QSharpClassifier
     from utils.demo.synthetic import write_synthetic_dataset
     from utils.models import load_tokenizer
@@ -242,14 +246,31 @@ def test_eval_sweep_on_vllm(vllm_models, tmp_path):
         "ref_model_id": str(vllm_models / "ref"), "classifier_model_id": str(vllm_models / "classifier"),
         "classifier_type": "V", "loss_type": "bce", "inference_mode": "bernoulli", "use_chat_template": 0,
         "dtype": "float32", "original_problems_path": str(paths["test"]), "train_eval_save_path": str(paths["test_eval"])}))
+    flags = ["--classifier_ckpt_path", str(ckpt), "--eta", "0", "3", "--num_samples", "2", "--max_new_tokens", "12",
+             "--temperature", "0.8", "--top_p", "0.9", "--batch_size", "2", "--engine", "vllm", "--vllm_enforce_eager", "1",
+             "--vllm_kv_cache_gib", "1"]
     log = tmp_path / "eval.log"
-    finish(start(tmp_path, command("eval_ckpt.py", "--classifier_ckpt_path", str(ckpt), "--eta", "0", "3",
-                                   "--num_samples", "2", "--max_new_tokens", "12", "--temperature", "0.8", "--top_p", "0.9",
-                                   "--batch_size", "4", "--engine", "vllm", "--vllm_enforce_eager", "1",
-                                   "--vllm_kv_cache_gib", "1"), log), log)
+    finish(start(tmp_path, command("eval_ckpt.py", *flags, "--output_dir", "one"), log), log)
     assert log.read_text().count("eval [eta_") == 2
+    tokens = {}
     for eta in ("0.0", "3.0"):
-        folder = ckpt / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
-        samples = [json.loads(path.read_text()) for path in folder.glob("*_r*.json")]
+        folder = tmp_path / "one" / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
+        samples = {path.name: json.loads(path.read_text()) for path in folder.glob("*_r*.json")}
         assert len(samples) == 12
-        assert all(len(s["token_kl"]) == s["num_response_tokens"] and s["traj_kl"] > 0 for s in samples)
+        assert all(len(s["token_kl"]) == s["num_response_tokens"] and s["traj_kl"] > 0 for s in samples.values())
+        tokens[eta] = {name: s["output_ids"] for name, s in samples.items()}
+    if importlib.util.find_spec("accelerate") is None:
+        return
+    from tests.helpers.processes import accelerate_command, run_tree
+
+    (tmp_path / "hf_home").mkdir()  # no accelerate config file of the user's is read
+    result = run_tree(accelerate_command(REPO / "eval_ckpt.py", *flags, "--output_dir", "two"), cwd=tmp_path,
+                      env={**ENV, "HF_HOME": str(tmp_path / "hf_home")}, timeout=TIMEOUT)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for eta in ("0.0", "3.0"):
+        folder = tmp_path / "two" / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
+        # the same tokens; the KL floats may differ in their last bits (vLLM gives each rank its own CPU threads)
+        assert {path.name: json.loads(path.read_text())["output_ids"] for path in folder.glob("*_r*.json")} == tokens[eta]
+        stats = json.loads((tmp_path / "two" / f"reward_stats_eta_{eta}_top_k_20_temp_0.8.json").read_text())
+        assert stats["num_problems"] == 6
+    assert os.path.getsize(tmp_path / "two" / "inference_eval_results_eta_3.0_top_k_20_temp_0.8.jsonl") > 0

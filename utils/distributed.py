@@ -16,6 +16,8 @@ variables that the launchers set; without them a run is one process of one.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -142,25 +144,33 @@ def set_loader_epoch(loader, epoch: int) -> None:
 def barrier(process: Process) -> None:
     """Wait until every rank gets here (no-op for a single process).
 
-    Uses a gloo process group (made on first use, from the launcher's ``MASTER_ADDR`` /
-    ``MASTER_PORT``) with a long timeout, on CPU and GPU machines alike.
+    Counts arrivals in the launcher's key-value store (``env://``: ``MASTER_ADDR`` /
+    ``MASTER_PORT``, torchrun's agent store under ``accelerate launch``), with a long timeout.
+    It makes no process group: vLLM (``--engine vllm``) makes its own, of one process, in
+    every rank, and a barrier on that group would not wait for the others.
     """
     if not process.distributed:
         return
+    store, arrivals = _barrier_store(process.rank, process.world_size)
+    key = f"barrier{next(arrivals)}"
+    if store.add(key, 1) == process.world_size:  # the last rank to arrive opens it
+        store.set(f"{key}/open", "1")
+    store.wait([f"{key}/open"], BARRIER_TIMEOUT)
+
+
+@functools.lru_cache(maxsize=None)
+def _barrier_store(rank: int, world_size: int):
+    """The launch's store (under a prefix of its own) and this process's barrier counter."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: "
+                         "start the processes with accelerate launch or torchrun")
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-        if missing:
-            raise ValueError(f"WORLD_SIZE={process.world_size} but {' and '.join(missing)} not set: "
-                             "start the processes with accelerate launch or torchrun")
-        dist.init_process_group("gloo", rank=process.rank, world_size=process.world_size, timeout=BARRIER_TIMEOUT)
-    dist.barrier()
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=BARRIER_TIMEOUT))
+    return dist.PrefixStore("qsharp", store), itertools.count(1)
 
 
 def shutdown() -> None:
-    """Release the process group of :func:`barrier`, if one was made."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Release the store of :func:`barrier`, if one was opened (vLLM releases its own group)."""
+    _barrier_store.cache_clear()

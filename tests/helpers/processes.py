@@ -61,3 +61,21 @@ def run_tree(cmd: list[str], *, timeout: float, env: dict, **popen_kwargs) -> su
         out, err = proc.communicate(timeout=30)
         raise Stalled(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_command(script: Path, *args: str, num_processes: int = 2) -> list[str]:
+    """``accelerate launch --multi_gpu --num_processes N script args`` (gloo on the CPU), on a free port."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(script), *args]
