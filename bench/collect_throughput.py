@@ -16,8 +16,11 @@ found from the stop ids). ``--dtype`` (float32) is the dtype of both models, on 
 GPU, else the CPU; ``--threads 1`` is the steadiest on a CPU shared with other jobs.
 The time covers the whole ``main`` (model loading included) over ``--repeats`` fresh
 output folders (median), after one untimed run (``--warmup 0`` times the first run too:
-for long real-model runs). ``--engine`` is collection's: ``continuous`` (default) or
-``generate``. Also reported: the share of that time spent decoding (``generate_share``: the
+for long real-model runs). ``--engine`` is collection's: ``continuous`` (default),
+``generate`` or ``vllm``; several (``--engine continuous vllm``) run one after the other on the same
+problems in one invocation, one JSON line each, then a line of each engine's speed-up over the
+first (``speedup``: ``tokens_per_s`` and ``decode_tokens_per_s`` ratios). ``load_seconds`` is the
+time the backend took to load or start (vLLM's start-up and compilation included). Also reported: the share of that time spent decoding (``generate_share``: the
 backend's own time, its callbacks' grading and file writing left out) and ``row_steps_kept``, the share of
 row-steps that produce kept tokens. For ``generate`` it is given for the roll-in, the
 roll-out and ``all`` (the rest pad rows that already ended); for ``continuous`` it is
@@ -53,6 +56,7 @@ from transformers import TopPLogitsWarper  # noqa: E402
 import collect_training_data  # noqa: E402
 from bench.common import set_threads  # noqa: E402
 from utils.decoding import kl, requests  # noqa: E402
+from utils.decoding.backends import BACKENDS  # noqa: E402
 from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.demo.synthetic import write_synthetic_dataset  # noqa: E402
 from utils.demo.tiny_models import write_tiny_models  # noqa: E402
@@ -179,6 +183,7 @@ def timed_round(args: argparse.Namespace, output_dir: Path, paths: dict, ref_id:
 
 def main(args: argparse.Namespace) -> None:
     set_threads(args.threads)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = write_synthetic_dataset(tmp / "data", args.num_problems, 0, seed=args.seed)
@@ -186,30 +191,59 @@ def main(args: argparse.Namespace) -> None:
         if ref_id is None:
             models = write_tiny_models(tmp / "models")
             ref_id, classifier_id = str(models["ref"]), str(models["classifier"])
-        times, tokens, total = [], [], {}
-        profile = Profile() if args.profile else None
+        for engine in args.engine:
+            result = measure(argparse.Namespace(**{**vars(args), "engine": engine}), tmp / engine, paths, ref_id, classifier_id)
+            results.append(result)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                print(f"{engine}: {result['problems_per_min']} problems/min ({result['samples_per_min']} samples/min, "
+                      f"{result['tokens_per_s']} generated tokens/s, {result['decode_tokens_per_s']} while decoding): "
+                      f"{args.num_problems} problems x {args.num_samples} samples in {result['seconds']:.1f} s", flush=True)
+    if len(results) > 1:
+        first = results[0]
+        speedup = {"speedup": {r["engine"]: {key: round(r[key] / first[key], 2) for key in ("tokens_per_s", "decode_tokens_per_s")}
+                               for r in results[1:]}, "over": first["engine"]}
+        print(json.dumps(speedup) if args.json else f"speed-up over {first['engine']}: {speedup['speedup']}")
+
+
+def measure(args: argparse.Namespace, tmp: Path, paths: dict, ref_id: str, classifier_id: str) -> dict:
+    """The result of one engine (``args.engine``): ``--warmup`` + ``--repeats`` collection rounds."""
+    times, tokens, total = [], [], {}
+    profile = Profile() if args.profile else None
+    loads = []
+    backend_class = BACKENDS[args.engine]
+    load = backend_class.load
+
+    def timed_load(backend):
+        start = time.perf_counter()
+        load(backend)
+        loads.append(time.perf_counter() - start)
+
+    backend_class.load = timed_load
+    if profile:
+        profile.install()
+    try:
+        for repeat in range(args.warmup + args.repeats):  # the first --warmup runs are not timed
+            seconds, stats = timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id)
+            times.append(seconds)
+            tokens.append(sum(stats["tokens"].values()))
+            add_stats(total, stats)
+    finally:
+        backend_class.load = load
         if profile:
-            profile.install()
-        try:
-            for repeat in range(args.warmup + args.repeats):  # the first --warmup runs are not timed
-                seconds, stats = timed_round(args, tmp / f"out_{repeat}", paths, ref_id, classifier_id)
-                times.append(seconds)
-                tokens.append(sum(stats["tokens"].values()))
-                add_stats(total, stats)
-        finally:
-            if profile:
-                profile.uninstall()
+            profile.uninstall()
     timed, timed_tokens = times[args.warmup:], tokens[args.warmup:]
     seconds = statistics.median(timed)
-    tokens_per_s = sum(timed_tokens) / sum(timed)
     result = {
         "problems_per_min": round(args.num_problems / seconds * 60, 1),
         "samples_per_min": round(args.num_problems * args.num_samples / seconds * 60, 1),
-        "tokens_per_s": round(tokens_per_s, 1),
+        "tokens_per_s": round(sum(timed_tokens) / sum(timed), 1),
         "seconds": round(seconds, 2),
         "tokens_per_round": round(statistics.median(timed_tokens), 1),
         "generate_share": round(total["seconds"] / sum(times), 3),  # of the whole main(), loading included
         "decode_tokens_per_s": round(sum(tokens) / max(total["seconds"], 1e-9), 1),  # all runs, warm-up included
+        "load_seconds": round(sum(loads), 2),  # all runs (the backend loads once per run)
         "row_steps_kept": row_steps_kept(total),
         "engine": args.engine,
         "num_problems": args.num_problems,
@@ -223,12 +257,7 @@ def main(args: argparse.Namespace) -> None:
     }
     if profile:
         result["profile"] = profile.report(total["seconds"])  # over all runs, the warm-up included
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{result['problems_per_min']} problems/min ({result['samples_per_min']} samples/min, "
-              f"{result['tokens_per_s']} generated tokens/s): {args.num_problems} problems x {args.num_samples} samples "
-              f"in {seconds:.1f} s")
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -244,8 +273,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_samples", type=int, default=2, help="repeats per problem")
     parser.add_argument("--batch_size", type=int, default=8,
                         help="live rows (continuous engine) or problems per generate call (generate engine)")
-    parser.add_argument("--engine", type=str, default="continuous", choices=["continuous", "generate", "vllm"],
-                        help="collection's --engine (vllm: a model with a head dimension of 32 or more, e.g. the real pair)")
+    parser.add_argument("--engine", type=str, nargs="+", default=["continuous"], choices=list(BACKENDS),
+                        help="collection's --engine; several run one after the other, each on the same problems "
+                             "(vllm: a model with a head dimension of 32 or more, e.g. the real pair)")
     parser.add_argument("--vllm_enforce_eager", type=int, default=0, choices=[0, 1],
                         help="--engine vllm: 1 = no torch.compile (faster start, slower decoding)")
     parser.add_argument("--vllm_kv_cache_gib", type=int, default=2, help="--engine vllm on a CPU: GiB of KV cache")

@@ -177,7 +177,8 @@ def main_vllm(args: argparse.Namespace) -> None:
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     backend = vllm_engine.VLLMBackend(args.ref_model_id, tokenizer, dtype=args.dtype, device="cpu", batch_size=args.batch_size,
                                       temperature=args.temperature, top_p=args.top_p,
-                                      vllm_settings={"enforce_eager": bool(args.vllm_enforce_eager)})
+                                      vllm_settings={"enforce_eager": bool(args.vllm_enforce_eager),
+                                                     "kv_cache_gib": args.vllm_kv_cache_gib})
     totals = {"processor": 0.0, "classifier": 0.0}
     step = vllm_engine.guide
 
@@ -261,6 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="decode with generate() (default) or vLLM (a loaded pair only)")
     parser.add_argument("--vllm_enforce_eager", type=int, choices=[0, 1], default=0,
                         help="--engine vllm: 1 runs the reference eager (starts faster, decodes slower)")
+    parser.add_argument("--vllm_kv_cache_gib", type=int, default=2, help="--engine vllm on a CPU: GiB of KV cache")
     add_run_flags(parser, repeats=9, json_help="one JSON line per head")
     add_size_flags(parser)
     add_pair_flags(parser)

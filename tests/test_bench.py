@@ -143,6 +143,17 @@ def test_collect_throughput_counts_every_file(eta):
     assert result["tokens_per_s"] > 0 and 4 <= result["tokens_per_round"] <= 2 * 4 * 6  # roll-in + roll-out
 
 
+def test_collect_throughput_runs_engines_side_by_side():
+    """Two engines in one run: a result each, on the same problems, then each one's speed-up over the first."""
+    continuous, generate, speedup = run_json("collect_throughput.py", "--repeats", "1", "--num_problems", "3",
+                                             "--num_samples", "1", "--batch_size", "2", "--max_new_tokens", "5",
+                                             "--engine", "continuous", "generate", *ONE_THREAD)
+    assert (continuous["engine"], generate["engine"]) == ("continuous", "generate")
+    assert continuous["load_seconds"] > 0 and generate["load_seconds"] > 0
+    assert speedup["over"] == "continuous"
+    assert speedup["speedup"]["generate"]["tokens_per_s"] == round(generate["tokens_per_s"] / continuous["tokens_per_s"], 2)
+
+
 @pytest.mark.parametrize("engine", ["continuous", "generate"])
 def test_collect_throughput_profile_splits_the_decode_time(engine):
     (result,) = run_json("collect_throughput.py", "--repeats", "1", "--warmup", "0", "--num_problems", "3",

@@ -274,3 +274,25 @@ def test_eval_sweep_on_vllm_on_one_and_two_processes(vllm_models, tmp_path):
         stats = json.loads((tmp_path / "two" / f"reward_stats_eta_{eta}_top_k_20_temp_0.8.json").read_text())
         assert stats["num_problems"] == 6
     assert os.path.getsize(tmp_path / "two" / "inference_eval_results_eta_3.0_top_k_20_temp_0.8.jsonl") > 0
+
+
+@needs_vllm
+def test_guidance_overhead_bench_on_vllm(vllm_models, tmp_path):
+    """``bench/guidance_overhead.py --engine vllm`` runs guided and unguided requests in one engine and
+    reports the time per token of each against the floors."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers.scripts import ENV, TIMEOUT
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "guidance_overhead.py"), "--json", "--engine", "vllm",
+                             "--ref_model_id", str(vllm_models / "ref"), "--classifier_model_id", str(vllm_models / "classifier"),
+                             "--heads", "Q", "--repeats", "1", "--batch_size", "2", "--max_new_tokens", "4",
+                             "--vllm_enforce_eager", "1", "--vllm_kv_cache_gib", "1", "--threads", "1"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert line["engine"] == "vllm" and line["classifier_type"] == "Q" and line["limit"] > 1
+    assert line["token_ratio"] > 0 and 0 < line["classifier_share"] < line["processor_share"] < 1
+    assert all(2 <= line["tokens"][kind][0] <= 8 for kind in ("unguided", "guided"))  # 2 prompts x at most 4 tokens
