@@ -182,8 +182,11 @@ def test_sample_does_not_depend_on_batch_mates(checks):
 
 @needs_vllm
 def test_bad_input_is_one_line(checks):
-    """A budget beyond the model's length, and a model vLLM cannot serve, each end in one ValueError line."""
+    """A budget beyond the model's length, a model vLLM cannot serve, and a KV cache beyond the free
+    memory, each end in one ValueError line."""
     assert "--max_new_tokens 5000 exceeds the 2048 tokens" in checks["too_long"]
+    assert checks["kv_too_big"].startswith("vLLM could not start") and "(--vllm_kv_cache_gib)" in checks["kv_too_big"]
+    assert "\n" not in checks["kv_too_big"]
     assert checks["unservable"].startswith("vLLM stopped while decoding: RuntimeError: Unsupported CPU attention")
     assert "\n" not in checks["unservable"]
 

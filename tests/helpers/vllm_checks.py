@@ -103,6 +103,11 @@ def main(root: Path, out: Path) -> None:
     done = run(chunked, requests(), processor_for(root, tokenizer, "V", kl_temperature=1.0))
     results["chunked"] = {"vllm": tokens(done), "generate": generated("V"),
                           "kl_lengths": [len(done[i].token_kl) for i in range(len(prompts))]}
+    try:  # a KV cache larger than the machine's free memory
+        run(VLLMBackend(str(root / "ref"), tokenizer, **settings, vllm_settings={"enforce_eager": True, "kv_cache_gib": 4096}),
+            [Request(prompts[0], 4, (0, 0, 0, "eval"), tag=0)], None)
+    except ValueError as error:
+        results["kv_too_big"] = str(error)
     head16 = write_tiny_models(root / "head16")["ref"]  # a head dimension vLLM's CPU attention does not take
     try:
         run(VLLMBackend(str(head16), tokenizer, **settings, vllm_settings={"enforce_eager": True, "kv_cache_gib": 1}),

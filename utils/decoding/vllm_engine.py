@@ -251,7 +251,8 @@ class VLLMBackend(Backend):
                 enable_prefix_caching=True, **settings,
             )
         except Exception as error:  # noqa: BLE001  (vLLM raises many types; the user gets one line)
-            raise ValueError(f"vLLM could not start {self.model_id}: {_last_line(error)}") from error
+            hint = " (--vllm_kv_cache_gib)" if "VLLM_CPU_KVCACHE_SPACE" in str(error) else ""
+            raise ValueError(f"vLLM could not start {self.model_id}: {_last_line(error)}{hint}") from error
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.stop_ids = get_stop_ids(_generation_config(self.model_id), self.tokenizer)
 
