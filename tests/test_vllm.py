@@ -181,6 +181,14 @@ def test_sample_does_not_depend_on_batch_mates(checks):
 
 
 @needs_vllm
+def test_processor_interface_follows_the_runner_vllm_picks(checks):
+    """The V1 or V2 processor is chosen by vLLM's own rule: ``VLLM_USE_V2_MODEL_RUNNER`` when set, else
+    Triton (absent from the CPU build, which runs V1); the engine started here agrees."""
+    assert checks["v2_runner"] == {"0": 0, "1": 1, "None": 0}
+    assert checks["v2_runner_engine"] is False
+
+
+@needs_vllm
 def test_bad_input_is_one_line(checks):
     """A budget beyond the model's length, a model vLLM cannot serve, and a KV cache beyond the free
     memory, each end in one ValueError line."""

@@ -13,6 +13,7 @@ tests to compare.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def main(root: Path, out: Path) -> None:
     from utils.decoding.engine import ContinuousBackend
     from utils.decoding.generate import generate_responses
     from utils.decoding.requests import Request
-    from utils.decoding.vllm_engine import VLLMBackend
+    from utils.decoding.vllm_engine import VLLMBackend, _v2_runner
     from utils.demo.tiny_models import write_tiny_models
     from utils.models import left_pad, load_causal_lm, load_tokenizer
 
@@ -114,6 +115,14 @@ def main(root: Path, out: Path) -> None:
             [Request(prompts[0], 4, (0, 0, 0, "eval"), tag=0)], None)
     except ValueError as error:
         results["unservable"] = str(error)
+    results["v2_runner"] = {}
+    for setting in ("0", "1", None):  # the runner (and so the processor interface) vLLM will use
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+        if setting is not None:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = setting
+        results["v2_runner"][str(setting)] = _v2_runner()
+    os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+    results["v2_runner_engine"] = backend.llm.llm_engine.vllm_config.use_v2_model_runner
     out.write_text(json.dumps(results))
 
 

@@ -327,9 +327,12 @@ def _last_line(error: BaseException) -> str:
 
 
 def _v2_runner() -> int:
-    """1 when vLLM runs its V2 model runner (a GPU with Triton, unless ``VLLM_USE_V2_MODEL_RUNNER=0``), else 0."""
-    import importlib.util
+    """1 when vLLM will run its V2 model runner, else 0, by vLLM 0.32's own rule for a configuration
+    like ours (no speculative decoding, one process): ``VLLM_USE_V2_MODEL_RUNNER`` when set, else
+    whether vLLM found a usable Triton (a GPU build; the CPU build's Triton has no CPU backend)."""
+    from vllm import envs
+    from vllm.triton_utils import HAS_TRITON
 
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" or not torch.cuda.is_available():
-        return 0
-    return int(importlib.util.find_spec("triton") is not None)
+    if envs.VLLM_USE_V2_MODEL_RUNNER is not None:
+        return int(envs.VLLM_USE_V2_MODEL_RUNNER)
+    return int(HAS_TRITON)
