@@ -77,6 +77,13 @@ def main(root: Path, out: Path) -> None:
                                           processor=processor_for(root, tokenizer, classifier_type))
         return [ids[i, : lengths[i]].tolist() for i in range(len(prompts))]
 
+    results["v2_runner"] = {}  # before an engine starts: vLLM then caches its environment
+    for setting in ("0", "1", None):  # the runner (and so the processor interface) vLLM will use
+        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+        if setting is not None:
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = setting
+        results["v2_runner"][str(setting)] = _v2_runner()
+    os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     backend.load()
     for classifier_type in (None, "Q", "V"):  # greedy, against generate()
         done = run(backend, requests(), processor_for(root, tokenizer, classifier_type, kl_temperature=1.0))
@@ -115,13 +122,6 @@ def main(root: Path, out: Path) -> None:
             [Request(prompts[0], 4, (0, 0, 0, "eval"), tag=0)], None)
     except ValueError as error:
         results["unservable"] = str(error)
-    results["v2_runner"] = {}
-    for setting in ("0", "1", None):  # the runner (and so the processor interface) vLLM will use
-        os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
-        if setting is not None:
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = setting
-        results["v2_runner"][str(setting)] = _v2_runner()
-    os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     results["v2_runner_engine"] = backend.llm.llm_engine.vllm_config.use_v2_model_runner
     out.write_text(json.dumps(results))
 
