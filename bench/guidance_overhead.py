@@ -84,6 +84,18 @@ from utils.decoding.guidance import QSharpLogitsProcessor  # noqa: E402
 from utils.models import get_stop_ids  # noqa: E402
 
 
+def timed(fn, totals: dict, key: str, device="cpu"):
+    """``fn`` that adds its wall time (the GPU's queued work included) to ``totals[key]``."""
+    def wrapper(*a, **kw):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*a, **kw)
+        sync(device)
+        totals[key] += time.perf_counter() - start
+        return out
+    return wrapper
+
+
 def main(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     if args.engine == "vllm":
@@ -106,24 +118,13 @@ def main(args: argparse.Namespace) -> None:
         sync(device)
         return ids.shape[1]
 
-    def timed(fn, totals, key):
-        """``fn`` that adds its wall time to ``totals[key]``."""
-        def wrapper(*a, **kw):
-            sync(device)
-            start = time.perf_counter()
-            out = fn(*a, **kw)
-            sync(device)
-            totals[key] += time.perf_counter() - start
-            return out
-        return wrapper
-
     for classifier_type in args.heads:
         spec = ClassifierSpec(classifier_type, "bce")
         classifier = QSharpClassifier.from_causal_lm(lm, spec, init_mode="random", seed=args.seed).eval()
         totals = {"processor": 0.0, "classifier": 0.0}  # seconds inside each, for the current call
-        classifier.hidden_states = timed(classifier.hidden_states, totals, "classifier")
+        classifier.hidden_states = timed(classifier.hidden_states, totals, "classifier", device)
         timed_class = type("TimedProcessor", (QSharpLogitsProcessor,),
-                           {"__call__": timed(QSharpLogitsProcessor.__call__, totals, "processor")})
+                           {"__call__": timed(QSharpLogitsProcessor.__call__, totals, "processor", device)})
         processor = timed_class(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
         steps = (sample(None), sample(processor))  # warm-up
         unguided, guided, inside, lengths = [], [], {"processor": [], "classifier": []}, []
@@ -180,15 +181,7 @@ def main_vllm(args: argparse.Namespace) -> None:
                                       vllm_settings={"enforce_eager": bool(args.vllm_enforce_eager),
                                                      "kv_cache_gib": args.vllm_kv_cache_gib})
     totals = {"processor": 0.0, "classifier": 0.0}
-    step = vllm_engine.guide
-
-    def timed_guide(*a, **kw):
-        start = time.perf_counter()
-        out = step(*a, **kw)
-        totals["processor"] += time.perf_counter() - start
-        return out
-
-    vllm_engine.guide = timed_guide  # the processor's step, as vLLM's sampler calls it
+    vllm_engine.guide = timed(vllm_engine.guide, totals, "processor")  # the processor's step, as vLLM's sampler calls it
 
     def sample(processor, call: int) -> tuple[float, int]:
         """Seconds and generated tokens of one call (a fresh seed per call, one stream per request)."""
@@ -201,15 +194,7 @@ def main_vllm(args: argparse.Namespace) -> None:
     for classifier_type in args.heads:
         classifier = QSharpClassifier.from_causal_lm(lm, ClassifierSpec(classifier_type, "bce"), init_mode="random",
                                                      seed=args.seed).eval()
-        forward = classifier.hidden_states
-
-        def timed_forward(*a, **kw):
-            start = time.perf_counter()
-            out = forward(*a, **kw)
-            totals["classifier"] += time.perf_counter() - start
-            return out
-
-        classifier.hidden_states = timed_forward
+        classifier.hidden_states = timed(classifier.hidden_states, totals, "classifier")
         processor = QSharpLogitsProcessor(classifier, args.eta, args.top_k, pad_token_id=tokenizer.pad_token_id)
         sample(None, 0), sample(processor, 0)  # warm-up (the engine starts in the first)
         runs = {False: [], True: []}  # guided -> [(seconds, tokens, processor s, classifier s)]
