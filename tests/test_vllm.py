@@ -11,6 +11,7 @@ processes."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,6 +91,78 @@ def test_v2_slots_follow_reordered_rows_and_recycled_slots():
     rows.slots = slot_rows(tags, state, [3, 0])
     assert rows.plan() == ([0, 1], [1], [21], [[7]], [1])
     assert rows.followed == ["b", "c"]
+
+
+def test_workers_rebuild_the_guidance_from_its_recipe(tmp_path):
+    """A tensor-parallel worker's guidance, built from the recipe of the run's (which travels
+    pickled), guides as that one does; the worker loads the classifier once over an eta sweep and
+    again for another checkpoint."""
+    import dataclasses
+    import pickle
+    from argparse import Namespace
+
+    from tests.helpers.vllm_checks import write_vllm_pair
+    from utils.classifier import ClassifierSpec, QSharpClassifier
+    from utils.decoding.rollout import make_processor
+    from utils.decoding.vllm_engine import Host
+    from utils.models import load_tokenizer
+
+    write_vllm_pair(tmp_path)
+    tokenizer = load_tokenizer(str(tmp_path / "ref"))
+    for seed in (1, 2):
+        classifier = QSharpClassifier.from_causal_lm(str(tmp_path / "classifier"), ClassifierSpec("V", "bce"),
+                                                     init_mode="random", dtype="float32", seed=seed)
+        classifier.save_pretrained(tmp_path / f"ckpt_{seed}", tokenizer=tokenizer)
+    args = Namespace(eta=3.0, top_k=5, inference_mode="bernoulli", classifier_type="V", loss_type="bce", num_atoms=11,
+                     V_min=0.0, V_max=1.0, use_bias=0, classifier_model_id=str(tmp_path / "classifier"), dtype="float32")
+    ids = torch.randint(5, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(0))  # [batch, prompt]
+    scores = torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(1))  # [batch, vocab]
+
+    def guided(processor):
+        processor.reset(torch.ones_like(ids))
+        return processor(ids, scores.clone())
+
+    host = Host()
+    host.device = torch.device("cpu")
+    ours = make_processor(args, tokenizer, checkpoint=str(tmp_path / "ckpt_1"), kl_temperature=0.8, kl_top_p=0.9,
+                          device="cpu")
+    recipe = pickle.loads(pickle.dumps(ours.recipe))
+    theirs = host.build(recipe)
+    assert (theirs.eta, theirs.mode, theirs.kl.temperature, theirs.kl.top_p) == (3.0, "bernoulli", 0.8, 0.9)
+    torch.testing.assert_close(guided(theirs), guided(ours), rtol=0, atol=0)
+    assert not torch.equal(guided(theirs), scores)
+    again = host.build(dataclasses.replace(recipe, eta=10.0))
+    assert again.classifier is theirs.classifier and again.eta == 10.0
+    other = host.build(dataclasses.replace(recipe, source=str(tmp_path / "ckpt_2")))
+    assert other.classifier is not theirs.classifier and not torch.equal(guided(other), guided(theirs))
+    zero = make_processor(args, tokenizer, checkpoint=None, device="cpu").recipe  # round 1: a zero head
+    assert zero.zero_head and host.build(zero).classifier.config.num_hidden_layers == 2
+    assert make_processor(args, tokenizer, checkpoint=None, disabled=True, device="cpu").recipe.source is None
+
+
+def test_tensor_parallel_refusals_are_one_line(monkeypatch):
+    """``--vllm_tensor_parallel_size`` above 1 refuses several launched processes, more workers than
+    CPU cores, and a guidance its workers cannot rebuild; on the CPU each worker gets its cores."""
+    from utils.decoding.guidance import QSharpLogitsProcessor
+    from utils.decoding.vllm_engine import VLLMBackend
+
+    backend = VLLMBackend("ref", None, dtype="float32", device="cpu", batch_size=2,
+                          vllm_settings={"tensor_parallel_size": 2})
+    backend.tensor_parallel, backend.stop_ids = 2, [0]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # unset, and restored after the test
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 5, 6})
+    backend._set_up_tensor_parallel()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,5,6"
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {3})
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")
+    with pytest.raises(ValueError, match="needs a CPU core per worker; this process has 1$"):
+        backend._set_up_tensor_parallel()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="runs in one process"):
+        backend._set_up_tensor_parallel()
+    with pytest.raises(ValueError, match="must say how each worker builds it"):
+        backend._begin(QSharpLogitsProcessor(None, 0.0, 5, kl_temperature=1.0))
 
 
 # ----------------------------------------------------------------------------- vLLM engines, in their own processes
@@ -234,12 +307,14 @@ def test_collection_killed_and_restarted_gives_the_same_files_and_keeps_its_engi
 
 
 @needs_vllm
-def test_eval_sweep_on_vllm_on_one_and_two_processes(vllm_models, tmp_path):
+def test_eval_sweep_on_vllm_on_one_and_two_processes_and_two_workers(vllm_models, tmp_path):
     """``eval_ckpt.py --engine vllm`` over etas 0 and 3 with one engine: every sample file, with the KL
-    recorded per token (at eta 0 about -log(nucleus mass) per token, top-p 0.9). Launched on two
-    processes (``accelerate launch``, an engine each): the same tokens, and the results of every
-    problem, written once both ranks are done (each rank's vLLM makes a process group of its own,
-    which the ranks' barrier must not use)."""
+    recorded per token (at eta 0 about -log(nucleus mass) per token, top-p 0.9). With
+    ``--vllm_tensor_parallel_size 2`` (two workers, each its own copy of the classifier, the KL
+    fetched from the first): the same tokens and KL. Launched on two processes (``accelerate
+    launch``, an engine each): the same tokens, and the results of every problem, written once both
+    ranks are done (each rank's vLLM makes a process group of its own, which the ranks' barrier must
+    not use)."""
     import json
     import os
 
@@ -263,13 +338,23 @@ def test_eval_sweep_on_vllm_on_one_and_two_processes(vllm_models, tmp_path):
     log = tmp_path / "eval.log"
     finish(start(tmp_path, command("eval_ckpt.py", *flags, "--output_dir", "one"), log), log)
     assert log.read_text().count("eval [eta_") == 2
-    tokens = {}
+    tokens, kl = {}, {}
     for eta in ("0.0", "3.0"):
         folder = tmp_path / "one" / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
         samples = {path.name: json.loads(path.read_text()) for path in folder.glob("*_r*.json")}
         assert len(samples) == 12
         assert all(len(s["token_kl"]) == s["num_response_tokens"] and s["traj_kl"] > 0 for s in samples.values())
         tokens[eta] = {name: s["output_ids"] for name, s in samples.items()}
+        kl[eta] = {name: s["token_kl"] for name, s in samples.items()}
+    log = tmp_path / "tp.log"
+    finish(start(tmp_path, command("eval_ckpt.py", *flags, "--vllm_tensor_parallel_size", "2", "--output_dir", "tp"), log),
+           log)
+    for eta in ("0.0", "3.0"):
+        folder = tmp_path / "tp" / f"individual_eval_inference_eta_{eta}_top_k_20_temp_0.8"
+        samples = {path.name: json.loads(path.read_text()) for path in folder.glob("*_r*.json")}
+        assert {name: s["output_ids"] for name, s in samples.items()} == tokens[eta]
+        for name, sample in samples.items():  # the workers' all-reduce may change the logits' last bits
+            torch.testing.assert_close(torch.tensor(sample["token_kl"]), torch.tensor(kl[eta][name]), rtol=0, atol=1e-5)
     if importlib.util.find_spec("accelerate") is None:
         return
     from tests.helpers.processes import accelerate_command, run_tree

@@ -157,6 +157,7 @@ class QSharpLogitsProcessor(LogitsProcessor):
         self.kl = None if kl_temperature is None else KLRecorder(kl_temperature, kl_top_p)
         self.stop_ids = None if stop_ids is None else list(stop_ids)
         self._block_key = None  # (k, dtype, device) of the cached candidate mask block
+        self.recipe = None  # how another process builds this guidance (utils.decoding.rollout.GuidanceRecipe), if known
         self.reset()
 
     @property

@@ -8,6 +8,8 @@ problem, stage); the backend decides how that seeds it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from utils.classifier import ClassifierSpec, QSharpClassifier
@@ -126,6 +128,51 @@ def sample_record(tokenizer, prompt: list[int], output_ids: list[int], token_kl:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class GuidanceRecipe:
+    """What :func:`make_processor` builds a guidance from, so that another process can build the same
+    one on its own device (vLLM's tensor-parallel workers): the classifier's source and the
+    processor's settings. ``source`` None: no classifier (a no-op guidance)."""
+
+    source: str | None  # the checkpoint, or the backbone of a zero head (round 1)
+    zero_head: bool
+    spec: ClassifierSpec | None
+    dtype: str | None  # of the classifier
+    eta: float
+    top_k: int
+    inference_mode: str
+    cd_baseline: bool
+    pad_token_id: int | None
+    kl_temperature: float | None
+    kl_top_p: float
+
+    @property
+    def classifier_key(self) -> tuple:
+        """What decides the classifier's weights: recipes with the same key can share one classifier."""
+        return self.source, self.zero_head, repr(self.spec), self.dtype
+
+    def load_classifier(self, device) -> QSharpClassifier | None:
+        """The classifier on ``device``, frozen (None without a source)."""
+        if self.source is None:
+            return None
+        if self.zero_head:
+            classifier = QSharpClassifier.from_causal_lm(self.source, self.spec, init_mode="zero", dtype=self.dtype)
+        else:
+            classifier = QSharpClassifier.from_pretrained(self.source, spec=self.spec, dtype=self.dtype)
+        return classifier.to(device).eval().requires_grad_(False)
+
+    def build(self, device, classifier: QSharpClassifier | None = None) -> QSharpLogitsProcessor:
+        """The guidance, its classifier on ``device`` (``classifier``: one already loaded, of this
+        recipe's :attr:`classifier_key`); it keeps this recipe as ``processor.recipe``."""
+        if classifier is None:
+            classifier = self.load_classifier(device)
+        processor = QSharpLogitsProcessor(classifier, self.eta, self.top_k, self.inference_mode, self.cd_baseline,
+                                          pad_token_id=self.pad_token_id, kl_temperature=self.kl_temperature,
+                                          kl_top_p=self.kl_top_p)
+        processor.recipe = self
+        return processor
+
+
 def make_processor(
     args,
     tokenizer,
@@ -138,7 +185,7 @@ def make_processor(
     device: str | torch.device | None = None,
 ) -> QSharpLogitsProcessor:
     """The guidance of collection/evaluation from the script flags, its classifier on ``device``
-    (default: the first GPU, else the CPU).
+    (default: the first GPU, else the CPU), built from its :class:`GuidanceRecipe`.
 
     ``checkpoint`` None builds a zero head on ``args.classifier_model_id`` (round 1).
     A no-op guidance (``disabled``, or eta 0 except with ``expectation``, whose offset
@@ -148,13 +195,12 @@ def make_processor(
     common = {"pad_token_id": tokenizer.pad_token_id, "kl_temperature": kl_temperature, "kl_top_p": kl_top_p}
     mode = resolve_guidance_mode(args.inference_mode, args.loss_type, cd_baseline)
     if disabled or is_noop_guidance(mode, args.eta):
-        return QSharpLogitsProcessor(None, 0.0, args.top_k, "disabled", **common)
-    spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max, bool(args.use_bias))
-    source = args.classifier_model_id if checkpoint is None else checkpoint
-    check_classifier_vocab(tokenizer, source)  # before any weights are read
-    if checkpoint is None:
-        classifier = QSharpClassifier.from_causal_lm(source, spec, init_mode="zero", dtype=args.dtype)
+        recipe = GuidanceRecipe(None, False, None, None, 0.0, args.top_k, "disabled", False, **common)
     else:
-        classifier = QSharpClassifier.from_pretrained(checkpoint, spec=spec, dtype=args.dtype)
-    classifier.to(device or default_device()).eval().requires_grad_(False)
-    return QSharpLogitsProcessor(classifier, args.eta, args.top_k, args.inference_mode, cd_baseline, **common)
+        spec = ClassifierSpec(args.classifier_type, args.loss_type, args.num_atoms, args.V_min, args.V_max,
+                              bool(args.use_bias))
+        source = args.classifier_model_id if checkpoint is None else checkpoint
+        check_classifier_vocab(tokenizer, source)  # before any weights are read
+        recipe = GuidanceRecipe(source, checkpoint is None, spec, args.dtype, args.eta, args.top_k, args.inference_mode,
+                                cd_baseline, **common)
+    return recipe.build(device or default_device())

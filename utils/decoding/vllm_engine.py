@@ -1,8 +1,8 @@
 """``--engine vllm``: requests decoded by vLLM, the Q# classifier inside vLLM's sampler.
 
 Unguided requests are plain vLLM sampling. Guided ones are tagged in their ``SamplingParams``
-(``extra_args``) and go through :class:`QSharpV1Processor`, a vLLM (V1 interface) logits
-processor that hosts this project's :class:`~utils.decoding.guidance.QSharpLogitsProcessor`
+(``extra_args``) and go through a vLLM logits processor (``utils.decoding.vllm_processors``, V1
+or V2 interface) that hosts this project's :class:`~utils.decoding.guidance.QSharpLogitsProcessor`
 on the same device: it follows vLLM's rows as they join, leave and move (``update_state``),
 tells the Q# processor which of its rows stayed and which joined (``update_rows``), adds the
 offsets to the raw logits, before temperature and top-p (``apply``), and records the
@@ -11,9 +11,15 @@ original's KL of every guided token from the logits it holds (no second pass).
 Every request is seeded by its own stream (``SamplingParams.seed = request_seed(...)``), so a
 file does not depend on its batch mates, the shard or a restart. vLLM's sampler draws other
 samples than ``generate()``'s or the continuous engine's, the same in distribution; greedy
-decoding gives the same tokens. The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-the ``uni`` executor), so that the hosted processor and its KL records are this process's
-objects; a reference that needs ``--vllm_tensor_parallel_size`` > 1 is not supported yet.
+decoding gives the same tokens.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). On one device (the ``uni``
+executor) vLLM samples here too: the processor's :class:`Host` is this process's, and it hosts the
+very guidance the run was given. With ``--vllm_tensor_parallel_size`` N > 1 (the ``mp`` executor)
+every one of the N workers samples, each from the full logits, so each hosts its own copy of the
+guidance, built on its device from the guidance's recipe (``processor.recipe``) and its classifier
+loaded once per worker; this process starts each run in them and fetches the KL of finished
+requests from the first (``collective_rpc``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from utils.models import get_stop_ids, left_pad
 
 INSTALL = "pip install -r requirements-vllm.txt"
 HOST_KEY = "qsharp_host"  # vllm_config.additional_config entry naming the Host of an engine
+PROCESSORS = ("utils.decoding.vllm_processors:QSharpV1Processor",  # by vLLM's runner: V1, V2
+              "utils.decoding.vllm_processors:QSharpV2Processor")
 _HOSTS: dict[str, Host] = {}  # the hosts of this process's engines, by key
 
 
@@ -44,14 +52,52 @@ def import_vllm():
 
 
 class Host:
-    """What one vLLM engine's processor reads: the Q# processor of the current run, the sampling
-    settings the KL is taken at, and the KL recorded per request id."""
+    """What one vLLM engine's processor reads, in the process that samples: the Q# processor of the
+    current run, the sampling settings the KL is taken at, and the KL recorded per request id."""
 
     def __init__(self):
         self.guidance = None  # the QSharpLogitsProcessor of the current run (None: no guided request)
         self.temperature, self.top_p = 1.0, 1.0  # of the current run's KL
         self.kl: dict[str, tuple[list[float], list[float]]] = {}  # request id -> (after, before top-p)
-        self.rows = None  # the engine's QSharpV1Processor, once vLLM built it
+        self.rows = None  # the VLLMRows of the engine's processor, once vLLM built it
+        self.device = None  # the device vLLM samples on here
+        self.classifier = None  # (classifier_key, classifier) last built from a recipe here
+
+    def begin(self, guidance, temperature: float, top_p: float, stop_ids: list[int]) -> None:
+        """Start a run: its guidance (None: none) and the sampling its KL is taken at; rows and KL forgotten."""
+        if guidance is not None:
+            guidance.reset(stop_ids=stop_ids)
+        self.guidance, self.temperature, self.top_p = guidance, temperature, top_p
+        if self.rows is not None:
+            self.rows.reset()
+        self.kl.clear()
+
+    def build(self, recipe):
+        """The guidance of ``recipe`` on this host's device, its classifier reused while the recipe's
+        :attr:`~utils.decoding.rollout.GuidanceRecipe.classifier_key` stays the same (an eta sweep)."""
+        if self.classifier is None or self.classifier[0] != recipe.classifier_key:
+            self.classifier = None  # the old one freed before the new one loads
+            self.classifier = (recipe.classifier_key, recipe.load_classifier(self.device))
+        return recipe.build(self.device, self.classifier[1])
+
+
+def host_of(key: str, device) -> Host:
+    """The host of engine ``key`` in this process (made here in a tensor-parallel worker), sampling on ``device``."""
+    host = _HOSTS.setdefault(key, Host())
+    host.device = torch.device(device)
+    return host
+
+
+def _begin_in_worker(worker, key: str, recipe, temperature: float, top_p: float, stop_ids: list[int]) -> None:
+    """In each tensor-parallel worker (``collective_rpc``): :meth:`Host.begin` with the guidance of ``recipe``."""
+    host = _HOSTS[key]
+    host.begin(host.build(recipe) if recipe is not None else None, temperature, top_p, stop_ids)
+
+
+def _take_kl_in_worker(worker, key: str, request_ids: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+    """In each tensor-parallel worker (``collective_rpc``): the KL recorded for ``request_ids``, forgotten here."""
+    kl = _HOSTS[key].kl
+    return {request: kl.pop(request) for request in request_ids if request in kl}
 
 
 class VLLMRows:
@@ -161,49 +207,6 @@ def _tensor(buffer) -> torch.Tensor:
     return getattr(buffer, "gpu", buffer)
 
 
-def _processor_classes():
-    """:class:`QSharpV1Processor` and :class:`QSharpV2Processor`, defined once vLLM is imported
-    (their base classes are vLLM's): thin adapters of vLLM's two interfaces over :func:`guide`."""
-    from vllm.v1.sample.logits_processor import LogitsProcessor
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
-
-    class QSharpV1Processor(LogitsProcessor):
-        """vLLM's V1 interface (the CPU build, ``VLLM_USE_V2_MODEL_RUNNER=0``): rows from its batch updates."""
-
-        def __init__(self, vllm_config, device, is_pin_memory):
-            self.host = _HOSTS[(vllm_config.additional_config or {})[HOST_KEY]]
-            self.host.rows = self.rows = VLLMRows()
-
-        def is_argmax_invariant(self) -> bool:
-            return False  # it changes the argmax: vLLM runs it before temperature and top-p
-
-        def update_state(self, batch_update) -> None:
-            self.rows.update(batch_update)
-
-        def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            return guide(self.host, self.rows, logits)
-
-    class QSharpV2Processor(V2LogitsProcessor):
-        """vLLM's V2 interface (the GPU default): requests by slot from ``add_request``, rows mapped to
-        slots every step (``ctx.expanded_idx_mapping``), tokens from the runner's buffers. Not yet run
-        on a GPU."""
-
-        def __init__(self, vllm_config, req_states):
-            self.host = _HOSTS[(vllm_config.additional_config or {})[HOST_KEY]]
-            self.host.rows = self.rows = VLLMRows()
-            self.req_states, self.tags = req_states, {}
-
-        def add_request(self, req_idx: int, sampling_params) -> bool:
-            self.tags[req_idx] = (sampling_params.extra_args or {}).get(HOST_KEY)  # a recycled slot is overwritten
-            return self.tags[req_idx] is not None
-
-        def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
-            self.rows.slots = slot_rows(self.tags, self.req_states, ctx.expanded_idx_mapping.tolist())
-            return guide(self.host, self.rows, logits)
-
-    return QSharpV1Processor, QSharpV2Processor
-
-
 class VLLMBackend(Backend):
     """``--engine vllm``: the reference served by vLLM (``LLM``), its engine stepped here so that a
     request's follow-ups join as soon as it ends; every request seeded from its own stream."""
@@ -211,9 +214,10 @@ class VLLMBackend(Backend):
     def __init__(self, model_id: str, tokenizer, *, vllm_settings: dict | None = None, **settings):
         super().__init__(model_id, tokenizer, **settings)
         self.vllm_settings = dict(vllm_settings or {})
-        self.host = Host()
+        self.host = Host()  # this process's (the one vLLM samples in on one device)
         self.key = uuid.uuid4().hex
         self.llm = None
+        self.tensor_parallel = 1  # vLLM's workers, once loaded
 
     @classmethod
     def missing(cls) -> str | None:
@@ -236,18 +240,20 @@ class VLLMBackend(Backend):
             return
         vllm = import_vllm()
         settings = dict(self.vllm_settings)
-        if settings.pop("tensor_parallel_size", 1) != 1:
-            raise ValueError("--vllm_tensor_parallel_size above 1 is not supported yet: the Q# processor runs in "
-                             "this process, which vLLM's tensor-parallel workers are not")
+        self.tensor_parallel = settings.pop("tensor_parallel_size", 1)
+        if self.tensor_parallel > 1:
+            self._set_up_tensor_parallel()
         kv_gib = settings.pop("kv_cache_gib", None)
         if kv_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_gib))
         _HOSTS[self.key] = self.host
+        self.host.device = torch.device(self.device)
         try:
             self.llm = vllm.LLM(
                 model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
-                max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size, distributed_executor_backend="uni",
-                logits_processors=[_processor_classes()[_v2_runner()]], additional_config={HOST_KEY: self.key},
+                max_num_seqs=settings.pop("max_num_seqs", None) or self.batch_size,
+                tensor_parallel_size=self.tensor_parallel, distributed_executor_backend="uni" if self.tensor_parallel == 1 else "mp",
+                logits_processors=[PROCESSORS[_v2_runner()]], additional_config={HOST_KEY: self.key},
                 enable_prefix_caching=True, **settings,
             )
         except Exception as error:  # noqa: BLE001  (vLLM raises many types; the user gets one line)
@@ -263,13 +269,8 @@ class VLLMBackend(Backend):
         guided_run = processor is not None and (not processor.is_noop or processor.records_kl)
         if guided_run:
             processor.check_sampling(self.temperature, self.top_p)
-            processor.reset(stop_ids=list(self.stop_ids))
-        self.host.guidance = processor if guided_run else None
-        sampled = self.temperature > 0  # greedy decoding: KL at T 1 without top-p
-        self.host.temperature, self.host.top_p = (self.temperature, self.top_p) if sampled else (1.0, 1.0)
-        if self.host.rows is not None:
-            self.host.rows.reset()
-        self.host.kl.clear()
+        self._begin(processor if guided_run else None)
+        take_kl = guided_run and processor.records_kl
         counter = itertools.count()
         live: dict[str, Request] = {}
 
@@ -295,17 +296,55 @@ class VLLMBackend(Backend):
                 outputs = engine.step()
             except Exception as error:  # noqa: BLE001  (the engine is dead; the user gets one line)
                 raise ValueError(f"vLLM stopped while decoding: {_last_line(error)}") from error
-            for output in outputs:
-                if not output.finished:
-                    continue
+            finished = [output for output in outputs if output.finished]
+            kl = self._take_kl([output.request_id for output in finished]) if take_kl and finished else {}
+            for output in finished:
                 request = live.pop(output.request_id)
                 request.tokens = list(output.outputs[0].token_ids)
-                if output.request_id in self.host.kl:
-                    after, before = self.host.kl.pop(output.request_id)
+                if output.request_id in kl:
+                    after, before = kl[output.request_id]
                     request.token_kl, request.token_kl_before_top_p = after[: len(request.tokens)], before[: len(request.tokens)]
                 self._count("tokens", request.kind, len(request.tokens))
                 for follow in on_finish(request) or []:
                     add(follow)
+
+
+    def _set_up_tensor_parallel(self) -> None:
+        """Check a ``--vllm_tensor_parallel_size`` above 1 can run here; on the CPU, give each worker
+        its share of this process's cores (vLLM binds one NUMA node per worker otherwise)."""
+        from utils.distributed import current_process
+
+        if current_process().world_size > 1:
+            raise ValueError("--vllm_tensor_parallel_size above 1 runs in one process (its engine spreads over the "
+                             "GPUs itself): launch it without accelerate, or with --num_processes 1")
+        if torch.device(self.device).type == "cpu" and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            cores = sorted(os.sched_getaffinity(0))
+            if len(cores) < self.tensor_parallel:
+                raise ValueError(f"--vllm_tensor_parallel_size {self.tensor_parallel} needs a CPU core per worker; "
+                                 f"this process has {len(cores)}")
+            shares = [cores[len(cores) * i // self.tensor_parallel : len(cores) * (i + 1) // self.tensor_parallel]
+                      for i in range(self.tensor_parallel)]
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(",".join(map(str, share)) for share in shares)
+
+    def _begin(self, guidance) -> None:
+        """Start a run in the process(es) vLLM samples in: its guidance (None: none) and the sampling
+        its KL is taken at (greedy decoding: temperature 1 without top-p)."""
+        sampled = self.temperature > 0
+        temperature, top_p = (self.temperature, self.top_p) if sampled else (1.0, 1.0)
+        if self.tensor_parallel == 1:
+            self.host.begin(guidance, temperature, top_p, list(self.stop_ids))
+            return
+        recipe = None if guidance is None else getattr(guidance, "recipe", None)
+        if guidance is not None and recipe is None:
+            raise ValueError("guidance under --vllm_tensor_parallel_size above 1 must say how each worker builds it "
+                             "(a processor from utils.decoding.rollout.make_processor)")
+        self.llm.collective_rpc(_begin_in_worker, args=(self.key, recipe, temperature, top_p, list(self.stop_ids)))
+
+    def _take_kl(self, request_ids: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+        """The KL recorded for the finished ``request_ids`` (after, before top-p), forgotten where it was kept."""
+        if self.tensor_parallel == 1:
+            return {request: self.host.kl.pop(request) for request in request_ids if request in self.host.kl}
+        return self.llm.collective_rpc(_take_kl_in_worker, args=(self.key, request_ids))[0]  # every worker has it
 
 
 def _generation_config(model_id: str):
