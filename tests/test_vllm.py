@@ -262,6 +262,13 @@ def test_processor_interface_follows_the_runner_vllm_picks(checks):
 
 
 @needs_vllm
+def test_aot_compilation_is_off_on_a_cpu(checks):
+    """On a CPU the backend turns vLLM's AOT compilation off (vLLM 0.32's CPU build cannot load its AOT
+    cache back, and would compile afresh at every start), so vLLM's torch.compile cache serves."""
+    assert checks["aot_compile"] == "0"
+
+
+@needs_vllm
 def test_bad_input_is_one_line(checks):
     """A budget beyond the model's length, a model vLLM cannot serve, and a KV cache beyond the free
     memory, each end in one ValueError line."""

@@ -85,6 +85,7 @@ def main(root: Path, out: Path) -> None:
         results["v2_runner"][str(setting)] = _v2_runner()
     os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     backend.load()
+    results["aot_compile"] = os.environ.get("VLLM_USE_AOT_COMPILE")  # off on a CPU: vLLM cannot reload its AOT cache
     for classifier_type in (None, "Q", "V"):  # greedy, against generate()
         done = run(backend, requests(), processor_for(root, tokenizer, classifier_type, kl_temperature=1.0))
         results[f"greedy_{classifier_type}"] = {"vllm": tokens(done), "generate": generated(classifier_type),

@@ -76,7 +76,7 @@ class Host:
         """The guidance of ``recipe`` on this host's device, its classifier reused while the recipe's
         :attr:`~utils.decoding.rollout.GuidanceRecipe.classifier_key` stays the same (an eta sweep)."""
         if self.classifier is None or self.classifier[0] != recipe.classifier_key:
-            self.classifier = None  # the old one freed before the new one loads
+            self.guidance = self.classifier = None  # the old one freed before the new one loads
             self.classifier = (recipe.classifier_key, recipe.load_classifier(self.device))
         return recipe.build(self.device, self.classifier[1])
 
@@ -243,6 +243,11 @@ class VLLMBackend(Backend):
         self.tensor_parallel = settings.pop("tensor_parallel_size", 1)
         if self.tensor_parallel > 1:
             self._set_up_tensor_parallel()
+        if torch.device(self.device).type == "cpu":
+            # vLLM 0.32's CPU build cannot load its own AOT-compiled model back ("'function' object has no
+            # attribute 'finalize_loading'") and compiles it afresh at every start (about 45 s for
+            # SmolLM2-135M); the plain torch.compile path reloads from its cache.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         kv_gib = settings.pop("kv_cache_gib", None)
         if kv_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_gib))
