@@ -56,7 +56,7 @@ from utils.cli import (
 )
 from utils.data.io import remove_stale_temporaries, write_json
 from utils.distributed import current_process, process_device, rank_share
-from utils.decoding.backends import backend_for
+from utils.decoding.backends import backend_for, gpus_per_process
 from utils.decoding.guidance import is_noop_guidance, resolve_guidance_mode
 from utils.decoding.rollout import collect, make_processor
 from utils.models import check_model_files, load_tokenizer
@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> dict:
                 (output_dir / problem_file_name(index, repeat)).unlink(missing_ok=True)
 
     tokenizer = load_tokenizer(args.ref_model_id)
-    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
+    device = process_device(process, gpus_per_process(args))  # this rank's GPU(s), else the CPU
     backend = backend_for(args, tokenizer, device)
     work = backend.pending(mine, args.num_samples, lambda i, r: (output_dir / problem_file_name(i, r)).exists())
     total = len(mine) * args.num_samples

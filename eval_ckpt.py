@@ -66,7 +66,7 @@ from utils.distributed import Process, barrier, current_process, process_device,
 from utils.training.metrics import PROBLEM_MEAN, SAMPLE_MEAN, bootstrap_ci
 from utils.models import check_model_files, format_prompts, load_tokenizer
 from utils.data.problems import load_problems, reference_of, resolve_range
-from utils.decoding.backends import backend_for
+from utils.decoding.backends import backend_for, gpus_per_process
 from utils.decoding.requests import Backend
 from utils.decoding.rollout import make_processor, sample
 from utils.data.splits import load_split_map
@@ -274,7 +274,7 @@ def main(args: argparse.Namespace) -> None:
     shard = resolve_range(args.start_index, args.end_index, len(records))
     mine = rank_share([i for i in all_ids if i in shard], args.batch_size, process)  # all of them for one process
     output_dir = Path(args.output_dir or args.classifier_ckpt_path)
-    device = process_device(process)  # this rank's GPU (cuda:LOCAL_RANK), else the CPU
+    device = process_device(process, gpus_per_process(args))  # this rank's GPU(s), else the CPU
     backend = backend_for(args, tokenizer, device)  # the reference loads once, when first needed
     guidance = Guidance(args, tokenizer, device)
     try:

@@ -165,6 +165,43 @@ def test_rank_share_is_whole_batches_in_blocks():
             assert all(len(share) % batch == 0 for share in shares[:-1] if share)
 
 
+@pytest.mark.parametrize("visible,local_rank,count,expected", [
+    (None, 0, 1, "0"),
+    (None, 3, 1, "3"),
+    (None, 1, 2, "2,3"),
+    ("4,5,6,7", 1, 1, "5"),
+    ("4, 5,6,7", 1, 2, "6,7"),
+    ("GPU-a,GPU-b", 1, 1, "GPU-b"),
+])
+def test_each_rank_owns_its_block_of_gpus(monkeypatch, visible, local_rank, count, expected):
+    """An engine that runs on the first GPUs it sees (vLLM) gets, in each rank, that rank's block of
+    ``count`` GPUs among those visible, as the only ones its process (and its workers) see."""
+    from utils.distributed import own_gpus
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert own_gpus(Process(local_rank + 4, 8, local_rank), count) == expected  # rank on a second machine
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_too_few_gpus_for_a_rank_is_one_line(monkeypatch):
+    from utils.distributed import own_gpus, process_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 1 needs GPUs 2 to 3 of CUDA_VISIBLE_DEVICES=0,1,2: launch at most "
+                                         r"one process per 2 GPU\(s\)$"):
+        own_gpus(Process(1, 2, 1), 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert process_device(Process(1, 2, 1), 1) == torch.device("cpu")  # this CPU build: no CUDA at all
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="after CUDA started"):
+        own_gpus(Process(0, 2, 0), 1)
+
+
 def test_collect_on_two_processes_writes_the_single_process_files(workdir, collected):
     # another batch size than the single run's 3: each request samples from its own stream
     out = launch(workdir, "collect_training_data.py", *COLLECT, "--batch_size", "2", "--output_dir", "collect_2")

@@ -350,8 +350,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm_gpu_memory_utilization", type=float_in(0.0, 1.0, open_low=True), default=0.9,
                         help="--engine vllm: share of the GPU's memory vLLM may take (vLLM's gpu_memory_utilization)")
     parser.add_argument("--vllm_tensor_parallel_size", type=positive_int, default=1,
-                        help="--engine vllm: GPUs one reference is split over (vLLM's tensor_parallel_size), one process; "
-                             "each GPU also holds a copy of the classifier (on a CPU: cores split between the workers)")
+                        help="--engine vllm: GPUs one reference is split over (vLLM's tensor_parallel_size), per process; "
+                             "each GPU also holds a copy of the classifier (on a CPU: one process, its cores split "
+                             "between the workers)")
     parser.add_argument("--vllm_max_num_seqs", type=positive_int_or_off, default=-1,
                         help="--engine vllm: most sequences vLLM decodes at once (vLLM's max_num_seqs); -1 = --batch_size")
     parser.add_argument("--vllm_enforce_eager", type=int01, default=0,

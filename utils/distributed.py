@@ -97,9 +97,24 @@ def rank_share(items: Sequence[T], batch_size: int, process: Process) -> list[T]
     return list(items[first * batch_size : last * batch_size])
 
 
-def process_device(process: Process) -> torch.device:
+def process_device(process: Process, gpus: int | None = None) -> torch.device:
     """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is there (also made the current
-    CUDA device, so ``"cuda"`` means it), else the CPU."""
+    CUDA device, so ``"cuda"`` means it), else the CPU.
+
+    ``gpus`` k is for an engine that places itself on the first GPUs its process sees (vLLM:
+    ``cuda:0``, and ``cuda:0`` to ``cuda:k-1`` for its k tensor-parallel workers). In a run of
+    several processes, this rank's block of k GPUs (:func:`own_gpus`) becomes the only one its
+    CUDA sees, before CUDA starts, and the device is ``cuda:0``.
+    """
+    if gpus is not None and process.distributed:
+        mine = own_gpus(process, gpus)
+        if not torch.cuda.is_available():
+            if torch.version.cuda is not None:
+                raise ValueError(f"rank {process.rank} has no GPUs: CUDA_VISIBLE_DEVICES={mine} are not there; "
+                                 f"launch at most one process per {gpus} GPU(s)")
+            return torch.device("cpu")
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     count = torch.cuda.device_count()
@@ -108,6 +123,26 @@ def process_device(process: Process) -> torch.device:
                          "launch at most one process per GPU")
     torch.cuda.set_device(process.local_rank)
     return torch.device("cuda", process.local_rank)
+
+
+def own_gpus(process: Process, count: int) -> str:
+    """Make this rank's ``count`` GPUs, the ``LOCAL_RANK``-th block of ``count`` among those visible
+    (``CUDA_VISIBLE_DEVICES``, else all), the only ones this process and its children see; returns
+    them. Must run before CUDA starts here, which reads the variable once."""
+    if torch.cuda.is_initialized():
+        raise RuntimeError("own_gpus after CUDA started in this process: the GPUs it sees are fixed")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = process.local_rank * count
+    if visible is None:
+        mine = [str(index) for index in range(first, first + count)]
+    else:
+        ids = [device.strip() for device in visible.split(",") if device.strip()]
+        if first + count > len(ids):
+            raise ValueError(f"LOCAL_RANK {process.local_rank} needs GPUs {first} to {first + count - 1} of "
+                             f"CUDA_VISIBLE_DEVICES={visible}: launch at most one process per {count} GPU(s)")
+        mine = ids[first : first + count]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def accelerator_cpu(process: Process) -> bool:

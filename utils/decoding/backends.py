@@ -24,3 +24,9 @@ def backend_for(args, tokenizer, device) -> Backend:
     return make_backend(args.engine, args.ref_model_id, tokenizer, dtype=args.dtype, device=device,
                         batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
                         max_batch_tokens=args.max_batch_tokens, **choose("--engine", args.engine, BACKENDS).options(args))
+
+
+def gpus_per_process(args) -> int | None:
+    """GPUs each process of a run gives the ``--engine`` backend when it places itself on the first
+    ones it sees (vLLM: ``--vllm_tensor_parallel_size``); None: the backend runs on ``cuda:LOCAL_RANK``."""
+    return choose("--engine", args.engine, BACKENDS).gpus(args)

@@ -84,6 +84,12 @@ class Backend:
         return {}
 
     @classmethod
+    def gpus(cls, args) -> int | None:
+        """GPUs per process when the backend places itself on the first ones its process sees
+        (:func:`utils.distributed.process_device`); None: it runs on ``cuda:LOCAL_RANK``."""
+        return None
+
+    @classmethod
     def from_model(cls, model, tokenizer, **settings) -> Backend:
         """A backend on an already loaded reference ``model`` (on its device and dtype); ``settings``
         as the constructor's, ``dtype`` and ``device`` left out."""

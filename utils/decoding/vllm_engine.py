@@ -234,6 +234,11 @@ class VLLMBackend(Backend):
             "enforce_eager": bool(args.vllm_enforce_eager), "kv_cache_gib": args.vllm_kv_cache_gib,
         }}
 
+    @classmethod
+    def gpus(cls, args) -> int:
+        """vLLM runs on ``cuda:0`` (and its tensor-parallel workers on the next GPUs) of the GPUs its process sees."""
+        return args.vllm_tensor_parallel_size
+
     def load(self) -> None:
         """Start the vLLM engine, once (``--vllm_*`` settings; the KV-cache space on the CPU)."""
         if self.llm is not None:
@@ -315,14 +320,17 @@ class VLLMBackend(Backend):
 
 
     def _set_up_tensor_parallel(self) -> None:
-        """Check a ``--vllm_tensor_parallel_size`` above 1 can run here; on the CPU, give each worker
-        its share of this process's cores (vLLM binds one NUMA node per worker otherwise)."""
+        """On a CPU, check a ``--vllm_tensor_parallel_size`` above 1 can run here and give each worker
+        its share of this process's cores (vLLM binds one NUMA node per worker otherwise). On GPUs
+        each process already sees only its own block of GPUs (``process_device``)."""
         from utils.distributed import current_process
 
+        if torch.device(self.device).type != "cpu":
+            return
         if current_process().world_size > 1:
-            raise ValueError("--vllm_tensor_parallel_size above 1 runs in one process (its engine spreads over the "
-                             "GPUs itself): launch it without accelerate, or with --num_processes 1")
-        if torch.device(self.device).type == "cpu" and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            raise ValueError("--vllm_tensor_parallel_size above 1 on a CPU runs in one process (its workers share "
+                             "the cores): launch it without accelerate, or with --num_processes 1")
+        if not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             cores = sorted(os.sched_getaffinity(0))
             if len(cores) < self.tensor_parallel:
                 raise ValueError(f"--vllm_tensor_parallel_size {self.tensor_parallel} needs a CPU core per worker; "
