@@ -27,7 +27,8 @@ One process per GPU (``--multi_gpu`` also on a machine without GPUs, one process
     accelerate launch --multi_gpu --num_processes 4 collect_training_data.py <same flags>
 
 Each process takes whole ``--batch_size`` chunks of ``[start_index, end_index)`` (in blocks)
-on ``cuda:LOCAL_RANK``; the files are the same as those of one process.
+on ``cuda:LOCAL_RANK`` (``--engine vllm``: on its own block of ``--vllm_tensor_parallel_size``
+GPUs); the files are the same as those of one process.
 """
 
 from __future__ import annotations

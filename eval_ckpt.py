@@ -29,7 +29,8 @@ One process per GPU (``--multi_gpu`` also on a machine without GPUs, one process
     accelerate launch --multi_gpu --num_processes 4 eval_ckpt.py <same flags>
 
 Each process samples whole ``--batch_size`` chunks of the eval problems (in blocks) on
-``cuda:LOCAL_RANK``, with the samples of a single process; once all are done, the main
+``cuda:LOCAL_RANK`` (``--engine vllm``: on its own block of ``--vllm_tensor_parallel_size`` GPUs),
+with the samples of a single process; once all are done, the main
 process writes the results and reward stats.
 """
 
