@@ -318,7 +318,6 @@ class VLLMBackend(Backend):
                 for follow in on_finish(request) or []:
                     add(follow)
 
-
     def _set_up_tensor_parallel(self) -> None:
         """On a CPU, check a ``--vllm_tensor_parallel_size`` above 1 can run here and give each worker
         its share of this process's cores (vLLM binds one NUMA node per worker otherwise). On GPUs
@@ -347,7 +346,7 @@ class VLLMBackend(Backend):
         if self.tensor_parallel == 1:
             self.host.begin(guidance, temperature, top_p, list(self.stop_ids))
             return
-        recipe = None if guidance is None else getattr(guidance, "recipe", None)
+        recipe = None if guidance is None else guidance.recipe
         if guidance is not None and recipe is None:
             raise ValueError("guidance under --vllm_tensor_parallel_size above 1 must say how each worker builds it "
                              "(a processor from utils.decoding.rollout.make_processor)")
