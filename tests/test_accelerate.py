@@ -178,10 +178,9 @@ def test_each_rank_owns_its_block_of_gpus(monkeypatch, visible, local_rank, coun
     ``count`` GPUs among those visible, as the only ones its process (and its workers) see."""
     from utils.distributed import own_gpus
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible or "")  # restored after the test, also when unset before
     if visible is None:
-        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert own_gpus(Process(local_rank + 4, 8, local_rank), count) == expected  # rank on a second machine
     assert os.environ["CUDA_VISIBLE_DEVICES"] == expected

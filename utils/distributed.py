@@ -106,23 +106,20 @@ def process_device(process: Process, gpus: int | None = None) -> torch.device:
     several processes, this rank's block of k GPUs (:func:`own_gpus`) becomes the only one its
     CUDA sees, before CUDA starts, and the device is ``cuda:0``.
     """
+    index, mine = process.local_rank, None
     if gpus is not None and process.distributed:
-        mine = own_gpus(process, gpus)
-        if not torch.cuda.is_available():
-            if torch.version.cuda is not None:
-                raise ValueError(f"rank {process.rank} has no GPUs: CUDA_VISIBLE_DEVICES={mine} are not there; "
-                                 f"launch at most one process per {gpus} GPU(s)")
-            return torch.device("cpu")
-        torch.cuda.set_device(0)
-        return torch.device("cuda", 0)
+        index, mine = 0, own_gpus(process, gpus)
     if not torch.cuda.is_available():
+        if mine is not None and torch.version.cuda is not None:
+            raise ValueError(f"rank {process.rank} has no GPUs: CUDA_VISIBLE_DEVICES={mine} are not there; "
+                             f"launch at most one process per {gpus} GPU(s)")
         return torch.device("cpu")
     count = torch.cuda.device_count()
-    if process.local_rank >= count:
+    if index >= count:
         raise ValueError(f"LOCAL_RANK {process.local_rank} but only {count} CUDA device(s) are visible: "
                          "launch at most one process per GPU")
-    torch.cuda.set_device(process.local_rank)
-    return torch.device("cuda", process.local_rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def own_gpus(process: Process, count: int) -> str:

@@ -250,14 +250,14 @@ class VLLMBackend(Backend):
             self._set_up_tensor_parallel()
         if torch.device(self.device).type == "cpu":
             # vLLM 0.32's CPU build cannot load its own AOT-compiled model back ("'function' object has no
-            # attribute 'finalize_loading'") and compiles it afresh at every start (about 45 s for
-            # SmolLM2-135M); the plain torch.compile path reloads from its cache.
+            # attribute 'finalize_loading'") and compiles it afresh at every start (start-up 68 s
+            # against 23 s for SmolLM2-135M in bench/collect_throughput.py); the plain torch.compile path reloads
+            # from its cache.
             os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         kv_gib = settings.pop("kv_cache_gib", None)
         if kv_gib:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_gib))
-        _HOSTS[self.key] = self.host
-        self.host.device = torch.device(self.device)
+        _HOSTS[self.key] = self.host  # its device is set by the processor vLLM builds (host_of)
         try:
             self.llm = vllm.LLM(
                 model=self.model_id, tokenizer=self.model_id, dtype=self.dtype, seed=0, generation_config="vllm",
