@@ -47,7 +47,7 @@ from utils.data.answers import MATCH_FNS
 from utils.data.io import remove_stale_temporaries, write_json
 from utils.data.problems import DATASET_TYPES
 from utils.decoding.guidance import INFERENCE_MODES, resolve_guidance_mode
-from utils.distributed import accelerator_cpu, current_process
+from utils.distributed import accelerator_cpu, current_process, end_training
 from utils.models import DTYPES, check_classifier_vocab, load_tokenizer
 from utils.seeding import set_seed
 from utils.training.data import make_eval_loaders, make_train_loader, prepare_data
@@ -225,6 +225,12 @@ def main(args: argparse.Namespace) -> None:
         log_with="wandb" if args.track else None
     )
     check_args(args, accelerator)
+    fit(args, accelerator)
+    end_training(accelerator)  # once fit's model, optimizer and loaders are gone
+
+
+def fit(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Data, model and state (resumed, warm-started or fresh), then the epochs and the checkpoints."""
     resume_files = (optimizer_scheduler_files(Path(args.classifier_ckpt_path))
                     if args.classifier_ckpt_path is not None and args.resume_opt_scheduler else [])
     set_seed(args.seed)
@@ -265,7 +271,6 @@ def main(args: argparse.Namespace) -> None:
         state.save(0)
         evaluate_at(0)  # the starting weights (an addition: the original first evaluates after the first batch)
     train(args, accelerator, state, evaluate_at)
-    accelerator.end_training()
     accelerator.print(state.summary())
 
 

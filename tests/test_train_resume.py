@@ -81,6 +81,25 @@ if _spec:
         return _metrics(*args, **kwargs)
 
     utils.training.metrics.eval_metrics = eval_metrics
+
+if os.environ.get("QSHARP_CHECK_TEARDOWN"):  # no DDP model may outlive the process group (utils.distributed.end_training)
+    import gc
+    import sys
+
+    import torch.distributed
+    from torch.nn.parallel import DistributedDataParallel
+
+    _destroy = torch.distributed.destroy_process_group
+
+    def destroy_process_group(*args, **kwargs):
+        alive = sum(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects())
+        if alive:
+            sys.stderr.write(f"teardown: {alive} DistributedDataParallel model(s) alive as the process group goes\\n")
+            sys.stderr.flush()
+            os._exit(3)
+        return _destroy(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = destroy_process_group
 '''
 
 
@@ -105,13 +124,16 @@ def work(tmp_path_factory):
     return {"root": root, "flags": flags}
 
 
-def env_for(work, kill: str | None = None) -> dict:
+def env_for(work, kill: str | None = None, check_teardown: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work["root"] / "hook"), str(REPO)]),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HOME": str(work["root"] / "hf_home"), "PYTHONUNBUFFERED": "1"}
     env.pop("QSHARP_KILL", None)
+    env.pop("QSHARP_CHECK_TEARDOWN", None)
     if kill:
         env["QSHARP_KILL"] = kill
+    if check_teardown:
+        env["QSHARP_CHECK_TEARDOWN"] = "1"
     return env
 
 
@@ -131,7 +153,8 @@ def train(work, output_dir: str, *extra: str, kill: str | None = None, processes
                "--main_process_port", str(port), str(REPO / "train_classifier.py"), "--world_size", str(processes)]
     cmd += [*work["flags"], "--output_dir", output_dir, *extra]
     if kill_when is None:
-        return run_tree(cmd, cwd=work["root"], env=env_for(work, kill), timeout=TIMEOUT if processes == 1 else STALL)
+        return run_tree(cmd, cwd=work["root"], env=env_for(work, kill, check_teardown=processes > 1),
+                        timeout=TIMEOUT if processes == 1 else STALL)
     proc = subprocess.Popen(cmd, cwd=work["root"], env=env_for(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     path, seconds = kill_when
@@ -264,7 +287,9 @@ def test_a_finished_run_is_left_as_it_is(work, reference):
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
 def test_two_processes_resume_to_the_same_weights(work):
     """2 processes (gloo on the CPU): killed (rank 0, inside its 4th optimizer step), resumed,
-    against an uninterrupted 2-process run."""
+    against an uninterrupted 2-process run. Every run that ends must end with no DDP model
+    alive as the process group goes (the hook's QSHARP_CHECK_TEARDOWN; else gloo's teardown
+    can deadlock, see ``utils.distributed.end_training``)."""
     result = train(work, "two_reference", processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     result = train(work, "two", processes=2, kill="opt_step:3")

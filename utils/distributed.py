@@ -8,7 +8,8 @@ single-process run and writes the same per-problem files. Each rank runs on its 
 output folder, except that evaluation waits for every rank (:func:`barrier`) before the
 main process aggregates. Training uses ``accelerate.Accelerator``; on a machine without
 CUDA it must be told to use the CPU (:func:`accelerator_cpu`), and each epoch of its
-sharded training loader is started with :func:`set_loader_epoch`.
+sharded training loader is started with :func:`set_loader_epoch`; it ends with
+:func:`end_training`.
 
 Rank, world size and local rank come from the ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``
 variables that the launchers set; without them a run is one process of one.
@@ -17,6 +18,7 @@ variables that the launchers set; without them a run is one process of one.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import os
 import sys
@@ -140,6 +142,22 @@ def own_gpus(process: Process, count: int) -> str:
         mine = ids[first : first + count]
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def end_training(accelerator) -> None:
+    """``accelerator.end_training()`` (trackers finished, process group destroyed) after the
+    objects ``accelerator.prepare`` returned are released; the caller must hold none of them.
+
+    The order matters. The reducer of the model's ``DistributedDataParallel`` wrapper holds the
+    process group. Were it the last holder, the group's destructor would run with the GIL held and
+    join gloo's worker threads, while a worker waits for the GIL to free the tensors of the last
+    collectives (``gather_object``): a deadlock, seen at the end of 2-process CPU runs under load.
+    Freed first, the wrapper leaves the group to its Python object, whose destructor lets go of
+    the GIL.
+    """
+    accelerator.free_memory()  # accelerate's own references to the prepared objects
+    gc.collect()  # and any reference cycle through them
+    accelerator.end_training()
 
 
 def accelerator_cpu(process: Process) -> bool:
