@@ -72,6 +72,10 @@ class Host:
             self.rows.reset()
         self.kl.clear()
 
+    def take_kl(self, request_ids: list[str]) -> dict[str, tuple[list[float], list[float]]]:
+        """The KL recorded here for the finished ``request_ids`` (after, before top-p), forgotten here."""
+        return {request: self.kl.pop(request) for request in request_ids if request in self.kl}
+
     def build(self, recipe):
         """The guidance of ``recipe`` on this host's device, its classifier reused while the recipe's
         :attr:`~utils.decoding.rollout.GuidanceRecipe.classifier_key` stays the same (an eta sweep)."""
@@ -95,9 +99,8 @@ def _begin_in_worker(worker, key: str, recipe, temperature: float, top_p: float,
 
 
 def _take_kl_in_worker(worker, key: str, request_ids: list[str]) -> dict[str, tuple[list[float], list[float]]]:
-    """In each tensor-parallel worker (``collective_rpc``): the KL recorded for ``request_ids``, forgotten here."""
-    kl = _HOSTS[key].kl
-    return {request: kl.pop(request) for request in request_ids if request in kl}
+    """In each tensor-parallel worker (``collective_rpc``): :meth:`Host.take_kl`."""
+    return _HOSTS[key].take_kl(request_ids)
 
 
 class VLLMRows:
@@ -355,7 +358,7 @@ class VLLMBackend(Backend):
     def _take_kl(self, request_ids: list[str]) -> dict[str, tuple[list[float], list[float]]]:
         """The KL recorded for the finished ``request_ids`` (after, before top-p), forgotten where it was kept."""
         if self.tensor_parallel == 1:
-            return {request: self.host.kl.pop(request) for request in request_ids if request in self.host.kl}
+            return self.host.take_kl(request_ids)
         return self.llm.collective_rpc(_take_kl_in_worker, args=(self.key, request_ids))[0]  # every worker has it
 
 
